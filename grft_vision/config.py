@@ -1,0 +1,127 @@
+"""The configuration of a GRFT fine-tuning run: which weights adapt, how, and what else trains.
+
+One flat dataclass, in the style of PEFT's method configs: every option is a field with a default and a
+help text, validated in ``__post_init__``, loadable from a dict or a YAML file. Unknown keys are an error
+that names the key and the closest valid one, never silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = ["GRFTConfig", "STRUCTURES", "ConfigError"]
+
+STRUCTURES = ("row", "column", "sparse")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message says which and what is accepted."""
+
+
+@dataclass
+class GRFTConfig:
+    """Options of :func:`grft_vision.apply_grft` and of the training scripts built on it."""
+
+    # --- what changes inside each targeted weight -------------------------------------------------
+    structure: str = field(
+        default="row",
+        metadata={"help": "Shape of the update: 'row' (k output rows / output channels), 'column' "
+                          "(k input columns / input channels) or 'sparse' (GPS: top-k entries of every row)."},
+    )
+    k: int | float = field(
+        default=1,
+        metadata={"help": "Rows, columns or per-row entries per weight: an int >= 1, or a float in (0, 1) "
+                          "read as a fraction of the dimension (rounded half up, at least 1)."},
+    )
+    clamp_k: bool = field(
+        default=False,
+        metadata={"help": "Clamp k to a layer's dimension instead of raising when k is larger."},
+    )
+    # --- which layers are targeted ----------------------------------------------------------------
+    target_modules: list[str] = field(
+        default_factory=lambda: ["*"],
+        metadata={"help": "Glob patterns (fnmatch) on module names; every nn.Linear / nn.Conv2d that "
+                          "matches one is targeted."},
+    )
+    exclude_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Glob patterns of module names never targeted (applied after target_modules)."},
+    )
+    head_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names (globs) of the classification head. None: timm's "
+                          "pretrained_cfg['classifier'], else a top-level 'head'/'classifier'/'score'/'fc'."},
+    )
+    # --- which other tensors train fully (GRFT/GPS convention by default) ---------------------------
+    train_head: bool = field(default=True, metadata={"help": "Train the classification head fully."})
+    train_bias: bool = field(default=True, metadata={"help": "Train the biases of targeted layers fully."})
+    train_norm: bool = field(default=False, metadata={"help": "Train norm-layer weights and biases."})
+    train_pos_embed: bool = field(default=False, metadata={"help": "Train position embeddings."})
+    train_tokens: bool = field(default=False, metadata={"help": "Train class/register/distillation tokens."})
+    train_layer_scale: bool = field(default=True, metadata={"help": "Train LayerScale gammas fully."})
+    extra_trainable: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Glob patterns of parameter names to train fully in addition to the rules above."},
+    )
+    # --- L2-to-pretrained regulariser (paper Eq. 8) -----------------------------------------------
+    reg_lambda: float = field(
+        default=0.0,
+        metadata={"help": "lambda of the L2-to-pretrained penalty; 0 disables it."},
+    )
+    reg_blocks: int | str = field(
+        default="all",
+        metadata={"help": "Regularised set: the last L blocks/stages plus the stem (patch embedding) and "
+                          "the head; an int L >= 0 or 'all' (every trainable tensor)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.structure not in STRUCTURES:
+            raise ConfigError(f"structure={self.structure!r} is not known; use one of {', '.join(STRUCTURES)}.")
+        _check_k(self.k)
+        for name in ("target_modules", "exclude_modules", "extra_trainable"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+        if isinstance(self.head_modules, str):
+            self.head_modules = [self.head_modules]
+        if not self.reg_lambda >= 0:
+            raise ConfigError(f"reg_lambda={self.reg_lambda!r} must be >= 0.")
+        if not (self.reg_blocks == "all" or (isinstance(self.reg_blocks, int) and self.reg_blocks >= 0
+                                             and not isinstance(self.reg_blocks, bool))):
+            raise ConfigError(f"reg_blocks={self.reg_blocks!r} must be an int >= 0 or 'all'.")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "GRFTConfig":
+        """Build a config from a mapping; an unknown key raises :class:`ConfigError` naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"unknown GRFT config key {key!r}.{hint} Valid keys: {', '.join(sorted(known))}.")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "GRFTConfig":
+        """Read a config from a YAML file holding a mapping of field names to values."""
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of GRFT config keys, got {type(values).__name__}.")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain Python values (JSON/YAML serialisable)."""
+        return dataclasses.asdict(self)
+
+
+def _check_k(k: Any) -> None:
+    is_count = isinstance(k, int) and not isinstance(k, bool) and k >= 1
+    is_fraction = isinstance(k, float) and 0.0 < k < 1.0
+    if not (is_count or is_fraction):
+        raise ConfigError(f"k={k!r} must be an int >= 1 (a count) or a float in (0, 1) (a fraction of the dimension).")

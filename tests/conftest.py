@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny models of every architecture family the core must support."""
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import timm
+import torch
+from timm.layers import GroupNormAct, StdConv2d
+from timm.models.mlp_mixer import MlpMixer
+from timm.models.resnetv2 import ResNetV2
+from torch import nn
+
+IMG = 32
+NUM_CLASSES = 5
+
+
+def _sequential() -> nn.Module:
+    """Plain torch: dense, depthwise and grouped (reflect-padded) convolutions, then an MLP."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, groups=2, padding_mode="reflect", stride=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, NUM_CLASSES),
+    )
+
+
+# name -> factory; every behavioural test of the core runs over all of them (add a row to extend).
+TINY_MODELS = {
+    "vit": lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=NUM_CLASSES,
+                                     img_size=IMG, depth=2),
+    "deit": lambda: timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False,
+                                      num_classes=NUM_CLASSES, img_size=IMG, depth=2),
+    "swin": lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=NUM_CLASSES,
+                                      img_size=IMG, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)),
+    # BEiT's attention reads qkv.weight directly (F.linear(x, self.qkv.weight, qkv_bias))
+    "beit_direct_weight": lambda: timm.create_model("beit_base_patch16_224", pretrained=False,
+                                                    num_classes=NUM_CLASSES, img_size=IMG, depth=2, embed_dim=32,
+                                                    num_heads=2),
+    "convnext": lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=NUM_CLASSES,
+                                          dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)),
+    "resnet": lambda: timm.create_model("resnet18", pretrained=False, num_classes=NUM_CLASSES, layers=[1, 1, 1, 1]),
+    "mobilenetv3": lambda: timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=NUM_CLASSES),
+    "efficientnet_same_pad": lambda: timm.create_model("tf_efficientnet_b0", pretrained=False,
+                                                       num_classes=NUM_CLASSES),
+    "mixer": lambda: MlpMixer(num_classes=NUM_CLASSES, img_size=IMG, patch_size=8, num_blocks=2, embed_dim=32),
+    "bit_stdconv": lambda: ResNetV2(layers=[1, 1], channels=(32, 64), num_classes=NUM_CLASSES, stem_chs=16,
+                                    stem_type="fixed", conv_layer=partial(StdConv2d, eps=1e-8),
+                                    norm_layer=partial(GroupNormAct, num_groups=8)),
+    "sequential": _sequential,
+}
+
+
+def make_model(name: str, seed: int = 0) -> nn.Module:
+    """A freshly initialised tiny model in eval mode, seeded."""
+    torch.manual_seed(seed)
+    return TINY_MODELS[name]().eval()
+
+
+def random_scores(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random non-negative score for every linear/conv weight of ``model``."""
+    generator = torch.Generator().manual_seed(seed)
+    return {f"{name}.weight": torch.rand(module.weight.shape, generator=generator)
+            for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))}
+
+
+def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def model_name(request) -> str:
+    return request.param
