@@ -1,0 +1,285 @@
+"""Where VTAB-1k data is loaded: prepared TFDS data or the exported JPEG folder layout.
+
+* :class:`VtabTfdsDataset` reads TFDS data prepared in the ``array_record`` format through
+  ``tfds.data_source`` (NumPy only, no TensorFlow) and applies the task's official split and label rule.
+* :class:`VtabFolderDataset` reads the NOAH/SSF/GPS export: ``<root>/<folder_name>/<split>.txt`` list files
+  whose lines are ``relative/path.jpg label``, paths relative to ``<root>/<folder_name>/``.
+
+Both raise :class:`~grft_vision.data.errors.DataNotFoundError` with the steps to get the data when it
+is missing.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import tensorflow_datasets as tfds
+from PIL import Image
+from tensorflow_datasets.core import constants as tfds_constants
+from tensorflow_datasets.core.file_adapters import FileFormat
+from tensorflow_datasets.core.utils.file_utils import list_dataset_versions
+from torch.utils.data import Dataset
+
+from .errors import DataNotFoundError
+from .image_list import ImageListDataset
+from .vtab_tasks import VTAB_SPLITS, VTAB_TASKS, VtabTask
+
+__all__ = [
+    "TFDS_PREPARE_INSTALL",
+    "VtabFolderDataset",
+    "VtabTfdsDataset",
+    "get_vtab_task",
+    "read_vtab_list",
+    "select_tfds_version",
+]
+
+TFDS_PREPARE_INSTALL = "pip install 'grft-vision[tfds-prepare]'"
+
+
+def get_vtab_task(task: str | VtabTask) -> VtabTask:
+    """Looks a task up by project name (a :class:`VtabTask` is returned as is).
+
+    Raises:
+        ValueError: If the name is not one of the 19 VTAB tasks.
+    """
+    if isinstance(task, VtabTask):
+        return task
+    if task not in VTAB_TASKS:
+        raise ValueError(f"Unknown VTAB task {task!r}; expected one of {sorted(VTAB_TASKS)}.")
+    return VTAB_TASKS[task]
+
+
+# --------------------------------------------------------------------------------------------------------
+# TFDS layout
+# --------------------------------------------------------------------------------------------------------
+
+def select_tfds_version(task: VtabTask, data_dir: str) -> str:
+    """The TFDS version to read for a task.
+
+    The reference version when it is prepared in ``data_dir``; else the newest prepared version; else
+    (nothing prepared) the version the installed tfds builds, the reference one when it still can. A
+    version other than the reference one and its ``compatible_versions`` triggers a warning, because the
+    official split slices (e.g. ``train[2754:2954]``) assume the reference version's example order.
+
+    Args:
+        task: The VTAB task.
+        data_dir: TFDS data directory (holds ``<tfds_name>/<version>/dataset_info.json``).
+
+    Returns:
+        A version string such as ``"3.0.1"``.
+    """
+    prepared = [str(v) for v in list_dataset_versions(Path(data_dir, task.tfds_name))]
+    if task.tfds_version in prepared:
+        return task.tfds_version
+    if prepared:
+        version = prepared[-1]
+    else:
+        buildable = [str(v) for v in tfds.builder(task.tfds_name, data_dir=data_dir).versions]
+        version = task.tfds_version if task.tfds_version in buildable else buildable[0]
+    if version not in (task.tfds_version, *task.compatible_versions):
+        warnings.warn(
+            f"VTAB task {task.name!r} reads {task.tfds_name}:{version}, not the reference {task.tfds_id} "
+            "(not prepared, or not buildable by the installed tfds); the official split slices assume the "
+            "reference version's example order.",
+            stacklevel=3,
+        )
+    return version
+
+
+def _prepare_steps(task: VtabTask, builder: tfds.core.DatasetBuilder, data_dir: str) -> str:
+    """How to install the extra, (for manual tasks) place the files, and prepare the data."""
+    tfds_id = f"{task.tfds_name}:{builder.version}"
+    steps = ["To prepare it once (building needs TensorFlow; reading it afterwards does not):",
+             f"  {TFDS_PREPARE_INSTALL}"]
+    if task.manual_download:
+        instructions = textwrap.dedent(builder.MANUAL_DOWNLOAD_INSTRUCTIONS or "").strip()
+        steps += [f"  # {task.tfds_name} cannot be downloaded automatically: first put its files in "
+                  f"{Path(data_dir, 'downloads', 'manual')}/",
+                  textwrap.indent(instructions, "  #   ")]
+    steps += [f"  tfds build {tfds_id} --data_dir {data_dir} --file_format array_record",
+              f"or in Python: VtabTfdsDataset({task.name!r}, split, data_dir={data_dir!r}, download=True).",
+              f"Alternatively, use the exported folder layout <root>/{task.folder_name}/<split>.txt "
+              "(VtabFolderDataset, layout='folder')."]
+    return "\n".join(steps)
+
+
+def _not_readable_error(
+    task: VtabTask, builder: tfds.core.DatasetBuilder, data_dir: str
+) -> DataNotFoundError:
+    if builder.is_prepared():
+        problem = (f"is prepared in {builder.data_dir} in the {builder.info.file_format.value} format, which "
+                   "needs TensorFlow to read; this loader reads array_record. Convert it (needs TensorFlow): "
+                   f"tfds convert_format --dataset_version_dir={builder.data_dir} "
+                   "--out_file_format=array_record, or prepare it again in another data_dir.")
+    else:
+        problem = f"is not prepared (expected {Path(builder.data_dir, 'dataset_info.json')})."
+    return DataNotFoundError(
+        f"VTAB task {task.name!r}: TFDS dataset {task.tfds_name}:{builder.version} under data_dir "
+        f"{data_dir!r} {problem}\n{_prepare_steps(task, builder, data_dir)}"
+    )
+
+
+def _download_and_prepare(task: VtabTask, builder: tfds.core.DatasetBuilder, data_dir: str) -> None:
+    """Builds the data as array_record; raises :class:`DataNotFoundError` when that cannot work here."""
+    if importlib.util.find_spec("tensorflow") is None:
+        raise DataNotFoundError(
+            f"VTAB task {task.name!r}: download=True builds {task.tfds_name}:{builder.version} with TFDS, "
+            f"which needs TensorFlow, and it is not installed.\n{_prepare_steps(task, builder, data_dir)}"
+        )
+    manual_dir = Path(data_dir, "downloads", "manual")
+    if task.manual_download and not (manual_dir.is_dir() and any(manual_dir.iterdir())):
+        raise DataNotFoundError(
+            f"VTAB task {task.name!r}: {task.tfds_name} needs manually downloaded files in {manual_dir}/, "
+            f"which is missing or empty.\n{_prepare_steps(task, builder, data_dir)}"
+        )
+    builder.download_and_prepare(file_format=FileFormat.ARRAY_RECORD.value)
+
+
+class VtabTfdsDataset(Dataset):
+    """A VTAB-1k split read from TFDS ``array_record`` data, with the official split and label rule.
+
+    Args:
+        task: Project task name (see :data:`~grft_vision.data.vtab_tasks.VTAB_TASKS`) or a ``VtabTask``.
+        split: ``train800``, ``val200``, ``train800val200`` or ``test``.
+        data_dir: TFDS data directory; ``None`` uses ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
+        transform: Applied to the RGB PIL image; ``None`` returns the PIL image.
+        download: Build the data first when it is missing (``download_and_prepare`` in array_record);
+            needs TensorFlow (``pip install 'grft-vision[tfds-prepare]'``).
+
+    Attributes:
+        task: The :class:`VtabTask`.
+        tfds_id: ``"name:version"`` actually read (see :func:`select_tfds_version`).
+        num_classes: Number of classes of the task.
+        protocol: ``"vtab_tfds"``, the :func:`~grft_vision.data.transforms.create_transforms` protocol of
+            this data (bilinear resize, like the official VTAB code).
+
+    Raises:
+        DataNotFoundError: If the data is not prepared in array_record (or parquet) format, or
+            ``download=True`` cannot build it (no TensorFlow, missing manual files). The message names
+            the task, the data_dir and the commands that prepare it.
+        ValueError: If the task or split name is unknown.
+    """
+
+    protocol = "vtab_tfds"
+
+    def __init__(
+        self,
+        task: str | VtabTask,
+        split: str,
+        data_dir: str | os.PathLike | None = None,
+        transform: Callable[[Image.Image], Any] | None = None,
+        download: bool = False,
+    ) -> None:
+        self.task = get_vtab_task(task)
+        self.split = split
+        self.num_classes = self.task.num_classes
+        self.transform = transform
+        split_string = self.task.split(split)
+        data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else tfds_constants.DATA_DIR
+        self.tfds_id = f"{self.task.tfds_name}:{select_tfds_version(self.task, data_dir)}"
+        builder = tfds.builder(self.tfds_id, data_dir=data_dir)
+        if download:
+            _download_and_prepare(self.task, builder, data_dir)
+        try:
+            self.source: Sequence[dict[str, Any]] = builder.as_data_source(split=split_string)
+        except (NotImplementedError, ValueError) as err:  # tfds' errors for data it cannot random-access
+            if builder.is_prepared() and builder.info.file_format in FileFormat.with_random_access():
+                raise
+            raise _not_readable_error(self.task, builder, data_dir) from err
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        """Returns ``(image, label)``: the transformed image (a PIL RGB image without transform)."""
+        image, label = self.task.rule(self.source[index])
+        image = Image.fromarray(image)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+# --------------------------------------------------------------------------------------------------------
+# Folder layout (NOAH / SSF / GPS export)
+# --------------------------------------------------------------------------------------------------------
+
+def _folder_layout_error(task: VtabTask, root: Path, list_file: Path) -> DataNotFoundError:
+    where = f"root {str(root)!r} does not exist" if not root.is_dir() else f"{list_file} does not exist"
+    return DataNotFoundError(
+        f"VTAB task {task.name!r} (folder layout): expected the list file {list_file}, but {where}.\n"
+        f"The NOAH/SSF/GPS layout is <root>/<task folder>/{{{','.join(VTAB_SPLITS)}}}.txt, each line "
+        f"'relative/path.jpg label' with paths relative to <root>/<task folder>/; the folder of "
+        f"{task.name!r} is {task.folder_name!r}.\n"
+        f"Alternatively, read the task from TFDS (VtabTfdsDataset, layout='tfds'), prepared with: "
+        f"{TFDS_PREPARE_INSTALL} && tfds build {task.tfds_id} --data_dir DIR --file_format array_record"
+    )
+
+
+def read_vtab_list(root: str | os.PathLike, task: str | VtabTask, split: str) -> list[tuple[Path, int]]:
+    """Reads ``<root>/<folder_name>/<split>.txt``.
+
+    Args:
+        root: Directory holding one folder per task (e.g. NOAH's ``vtab-1k``).
+        task: Project task name or :class:`VtabTask`.
+        split: ``train800``, ``val200``, ``train800val200`` or ``test``.
+
+    Returns:
+        ``(absolute image path, label)`` pairs in file order.
+
+    Raises:
+        DataNotFoundError: If the root or the list file is missing.
+        ValueError: If the split is unknown or a label is outside ``[0, num_classes)``.
+    """
+    task = get_vtab_task(task)
+    if split not in VTAB_SPLITS:
+        raise ValueError(f"Unknown VTAB split {split!r}; expected one of {VTAB_SPLITS}.")
+    root = Path(root).expanduser()
+    task_dir = root / task.folder_name
+    list_file = task_dir / f"{split}.txt"
+    if not list_file.is_file():
+        raise _folder_layout_error(task, root, list_file)
+    samples = []
+    for line in list_file.read_text().splitlines():
+        if line.strip():
+            path, label = line.rsplit(maxsplit=1)
+            samples.append((task_dir / path, int(label)))
+    bad = [label for _, label in samples if not 0 <= label < task.num_classes]
+    if bad:
+        raise ValueError(f"{list_file}: labels {sorted(set(bad))[:10]} outside [0, {task.num_classes}).")
+    return samples
+
+
+class VtabFolderDataset(ImageListDataset):
+    """A VTAB-1k split from the NOAH/SSF/GPS JPEG export (labels already mapped by the task's rule).
+
+    Args:
+        root: Directory holding one folder per task, e.g. ``vtab-1k`` with ``cifar/``, ``dtd/``, ...
+        task: Project task name or :class:`VtabTask`; its ``folder_name`` is the sub-folder read.
+        split: ``train800``, ``val200``, ``train800val200`` or ``test``.
+        transform: Applied to the RGB PIL image; ``None`` returns the PIL image.
+
+    Attributes:
+        task: The :class:`VtabTask`.
+        protocol: ``"vtab"``, the :func:`~grft_vision.data.transforms.create_transforms` protocol of this
+            data (bicubic resize, like NOAH/SSF/GPS).
+
+    Raises:
+        DataNotFoundError: If the root or the list file is missing (the message shows the layout).
+    """
+
+    protocol = "vtab"
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        task: str | VtabTask,
+        split: str,
+        transform: Callable[[Image.Image], Any] | None = None,
+    ) -> None:
+        self.task = get_vtab_task(task)
+        self.split = split
+        super().__init__(read_vtab_list(root, self.task, split), self.task.num_classes, transform)
