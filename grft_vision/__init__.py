@@ -7,7 +7,8 @@ Public API::
 from .adapter import AdapterError, load_adapter, save_adapter
 from .config import ConfigError, GRFTConfig
 from .layers import GRFTConv2d, GRFTLayer, GRFTLinear
-from .model import apply_grft, is_grft_model, merge_grft, unload_grft
+from .anatomy import is_grft_model
+from .model import apply_grft, merge_grft, unload_grft
 from .regularization import L2ToPretrained
 from .selection import SelectionError
 from .trainable import TrainableReport, print_trainable_parameters, trainable_parameters_report

@@ -23,9 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .anatomy import architecture_name, grft_layers, original_name
+from .anatomy import architecture_name, grft_layers, is_grft_model, original_name
 from .config import GRFTConfig
-from .model import is_grft_model, wrap_with_indices
+from .model import wrap_with_indices
 
 __all__ = ["save_adapter", "load_adapter", "AdapterError", "ADAPTER_FORMAT"]
 

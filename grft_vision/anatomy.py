@@ -6,12 +6,14 @@ models, and plain ``torch.nn.Module`` trees (through name conventions and the lo
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from torch import nn
 
+from .config import GRFTConfig
 from .layers import GRFTLayer
 
 __all__ = [
@@ -24,8 +26,11 @@ __all__ = [
     "in_modules",
     "model_groups",
     "architecture_name",
+    "is_grft_model",
+    "find_target_layers",
 ]
 
+_logger = logging.getLogger(__name__)
 _HEAD_FALLBACK_NAMES = ("head", "classifier", "score", "fc")
 _WRAPPER_SEGMENT = ".base_layer"
 
@@ -176,3 +181,41 @@ def _fallback_keys(model: nn.Module, names: list[str]) -> dict[str, str | tuple[
                 key, seen_block = (int(index),), True
         keys[name] = key if key is not None else (None if seen_block else "stem")
     return keys
+
+
+def is_grft_model(model: nn.Module) -> bool:
+    """True when ``model`` holds at least one GRFT wrapper."""
+    return any(isinstance(module, GRFTLayer) for module in model.modules())
+
+
+def find_target_layers(model: nn.Module, config: GRFTConfig) -> dict[str, nn.Module]:
+    """The ``nn.Linear`` / ``nn.Conv2d`` modules that ``config`` targets, by module name.
+
+    The head, modules matched by ``exclude_modules`` and the projections owned by
+    ``nn.MultiheadAttention`` (which reads their weights directly, bypassing any wrapper) are skipped.
+
+    Raises:
+        ValueError: the model already holds GRFT layers, or no layer is targeted.
+    """
+    if is_grft_model(model):
+        raise ValueError("the model already has GRFT layers; call merge_grft(model) or unload_grft(model) "
+                         "before applying GRFT again.")
+    head_names = head_module_names(model, config.head_modules)
+    targets = {}
+    attention_owned = {f"{name}.{child}" if name else child
+                       for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
+                       for child, _ in module.named_children()}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or in_modules(name, head_names):
+            continue
+        if not matches_any(name, config.target_modules) or matches_any(name, config.exclude_modules):
+            continue
+        if name in attention_owned:
+            _logger.warning("GRFT skips %s: nn.MultiheadAttention reads its weight directly.", name)
+            continue
+        targets[name] = module
+    if not targets:
+        raise ValueError(f"no nn.Linear / nn.Conv2d of {architecture_name(model)} matches "
+                         f"target_modules={config.target_modules} minus exclude_modules={config.exclude_modules} "
+                         f"(head {head_names} excluded). Check the patterns against model.named_modules().")
+    return targets

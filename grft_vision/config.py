@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["GRFTConfig", "STRUCTURES", "ConfigError"]
+__all__ = ["GRFTConfig", "STRUCTURES", "ConfigError", "resolve_config"]
 
 STRUCTURES = ("row", "column", "sparse")
 
@@ -68,6 +68,26 @@ class GRFTConfig:
         default_factory=list,
         metadata={"help": "Glob patterns of parameter names to train fully in addition to the rules above."},
     )
+    # --- selection: SupCon gradients on the lowest-loss subset (paper Alg. 1, §4.4.6) -------------
+    temperature: float = field(default=0.07, metadata={"help": "SupCon temperature."})
+    selection_views: int = field(
+        default=2,
+        metadata={"help": "Augmented views per image in the selection loss: 2 (GPS contrastive protocol) or 1."},
+    )
+    num_subsets: int = field(
+        default=1,
+        metadata={"help": "Split the training set into n random subsets and compute the gradient on the "
+                          "lowest-loss one ('Data Subsets Number'); 1 uses all data."},
+    )
+    selection_mode: str = field(
+        default="train",
+        metadata={"help": "Model mode during selection: 'train' (as the GPS code: dropout/drop-path active, "
+                          "BatchNorm on batch statistics, running statistics restored afterwards) or 'eval'."},
+    )
+    selection_batch_size: int | None = field(
+        default=None, metadata={"help": "Batch size of the selection passes; None: the loader's batch size."},
+    )
+    selection_seed: int = field(default=0, metadata={"help": "Seed of the subset split, shuffling and views."})
     # --- L2-to-pretrained regulariser (paper Eq. 8) -----------------------------------------------
     reg_lambda: float = field(
         default=0.0,
@@ -89,6 +109,14 @@ class GRFTConfig:
                 setattr(self, name, [value])
         if isinstance(self.head_modules, str):
             self.head_modules = [self.head_modules]
+        if self.selection_views not in (1, 2):
+            raise ConfigError(f"selection_views={self.selection_views!r} must be 1 or 2.")
+        if self.selection_mode not in ("train", "eval"):
+            raise ConfigError(f"selection_mode={self.selection_mode!r} must be 'train' or 'eval'.")
+        if not (isinstance(self.num_subsets, int) and self.num_subsets >= 1):
+            raise ConfigError(f"num_subsets={self.num_subsets!r} must be an int >= 1.")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature={self.temperature!r} must be > 0.")
         if not self.reg_lambda >= 0:
             raise ConfigError(f"reg_lambda={self.reg_lambda!r} must be >= 0.")
         if not (self.reg_blocks == "all" or (isinstance(self.reg_blocks, int) and self.reg_blocks >= 0
@@ -125,3 +153,12 @@ def _check_k(k: Any) -> None:
     is_fraction = isinstance(k, float) and 0.0 < k < 1.0
     if not (is_count or is_fraction):
         raise ConfigError(f"k={k!r} must be an int >= 1 (a count) or a float in (0, 1) (a fraction of the dimension).")
+
+
+def resolve_config(config: GRFTConfig | Mapping[str, Any] | None) -> GRFTConfig:
+    """Accept a :class:`GRFTConfig`, a plain mapping of its fields, or None (the defaults)."""
+    if config is None:
+        return GRFTConfig()
+    if isinstance(config, GRFTConfig):
+        return config
+    return GRFTConfig.from_dict(config)

@@ -7,64 +7,20 @@ chooses its rows / columns / entries from the scores, replaces it in place by a 
 """
 from __future__ import annotations
 
-import logging
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from .anatomy import architecture_name, grft_layers, head_module_names, in_modules, matches_any
-from .config import GRFTConfig
-from .layers import GRFTLayer, wrap_layer
+from .anatomy import find_target_layers, grft_layers, head_module_names
+from .config import GRFTConfig, resolve_config
+from .layers import wrap_layer
+from .selection.gradients import compute_scores
+from .selection.record import LayerSelection, SelectionRecord
 from .selection.topk import SelectionError, choose_indices
 from .trainable import mark_trainable
 
-__all__ = ["apply_grft", "merge_grft", "unload_grft", "is_grft_model", "find_target_layers", "resolve_config",
-           "wrap_with_indices"]
-
-_logger = logging.getLogger(__name__)
-
-
-def resolve_config(config: GRFTConfig | Mapping[str, Any] | None) -> GRFTConfig:
-    """Accept a :class:`GRFTConfig`, a plain mapping of its fields, or None (the defaults)."""
-    if config is None:
-        return GRFTConfig()
-    if isinstance(config, GRFTConfig):
-        return config
-    return GRFTConfig.from_dict(config)
-
-
-def find_target_layers(model: nn.Module, config: GRFTConfig) -> dict[str, nn.Module]:
-    """The ``nn.Linear`` / ``nn.Conv2d`` modules that ``config`` targets, by module name.
-
-    The head, modules matched by ``exclude_modules`` and the projections owned by
-    ``nn.MultiheadAttention`` (which reads their weights directly, bypassing any wrapper) are skipped.
-
-    Raises:
-        ValueError: the model already holds GRFT layers, or no layer is targeted.
-    """
-    if is_grft_model(model):
-        raise ValueError("the model already has GRFT layers; call merge_grft(model) or unload_grft(model) "
-                         "before applying GRFT again.")
-    head_names = head_module_names(model, config.head_modules)
-    targets = {}
-    attention_owned = {f"{name}.{child}" if name else child
-                       for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
-                       for child, _ in module.named_children()}
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or in_modules(name, head_names):
-            continue
-        if not matches_any(name, config.target_modules) or matches_any(name, config.exclude_modules):
-            continue
-        if name in attention_owned:
-            _logger.warning("GRFT skips %s: nn.MultiheadAttention reads its weight directly.", name)
-            continue
-        targets[name] = module
-    if not targets:
-        raise ValueError(f"no nn.Linear / nn.Conv2d of {architecture_name(model)} matches "
-                         f"target_modules={config.target_modules} minus exclude_modules={config.exclude_modules} "
-                         f"(head {head_names} excluded). Check the patterns against model.named_modules().")
-    return targets
+__all__ = ["apply_grft", "merge_grft", "unload_grft", "wrap_with_indices"]
 
 
 def _check_score(name: str, layer: nn.Module, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -102,27 +58,45 @@ def apply_grft(
     model: nn.Module,
     scores: Mapping[str, torch.Tensor] | None = None,
     config: GRFTConfig | Mapping[str, Any] | None = None,
+    *,
+    dataloader: Iterable[Any] | None = None,
+    **selection_options: Any,
 ) -> nn.Module:
     """Wrap every targeted layer of ``model`` in place so that only the chosen entries train.
+
+    Either pass ``scores`` or a ``dataloader``: with a loader, the scores are computed first by
+    :func:`grft_vision.selection.compute_scores` (SupCon gradients on the lowest-loss subset).
 
     Args:
         model: a timm model or any ``nn.Module`` with ``nn.Linear`` / ``nn.Conv2d`` layers.
         scores: per-parameter importance keyed by weight name (``"blocks.0.attn.qkv.weight"``), each of
             the weight's shape; the top-k rows / columns / per-row entries are chosen
-            (:func:`grft_vision.selection.topk.choose_indices`).
+            (:func:`grft_vision.selection.choose_indices`).
         config: a :class:`GRFTConfig` or a mapping of its fields; None for the defaults.
+        dataloader: training data yielding ``(images, labels)``, used to compute the scores.
+        **selection_options: passed to :func:`~grft_vision.selection.compute_scores` (``features``,
+            ``device``, ``amp``, ``progress``).
 
     Returns:
         The same model object, with wrappers in place, ``requires_grad`` set per the trainable-set rules,
-        and the config stored as ``model.grft_config``.
+        the config stored as ``model.grft_config`` and a :class:`~grft_vision.selection.SelectionRecord`
+        as ``model.grft_selection``.
 
     Raises:
-        SelectionError: a score is missing or has the wrong shape, or k exceeds a layer's dimension.
-        ValueError: no layer is targeted, or the model is already wrapped.
+        SelectionError: a score is missing or has the wrong shape, k exceeds a layer's dimension, or
+            the selection data is unusable.
+        ValueError: neither or both of scores / dataloader, no layer targeted, or the model is already wrapped.
     """
     config = resolve_config(config)
-    if scores is None:
-        raise ValueError("apply_grft needs scores: a mapping from weight names to importance tensors.")
+    if (scores is None) == (dataloader is None):
+        raise ValueError("apply_grft needs exactly one of scores= (weight name -> importance tensor) or "
+                         "dataloader= (training batches to compute the scores from).")
+    record = SelectionRecord(config.structure, config.k)
+    if dataloader is not None:
+        result = compute_scores(model, dataloader, config, **selection_options)
+        scores = result.scores
+        record = SelectionRecord(config.structure, config.k, config.num_subsets, result.subset_losses,
+                                 result.chosen_subset, result.subset_size, result.seconds)
     targets = find_target_layers(model, config)
     indices = {}
     for name, layer in targets.items():
@@ -130,14 +104,18 @@ def apply_grft(
         groups = getattr(layer, "groups", 1)
         indices[name] = choose_indices(score, config.structure, config.k, groups=groups, layer_name=name,
                                        clamp=config.clamp_k)
-    return wrap_with_indices(model, indices, dict.fromkeys(indices, config.structure), config)
+        record.layers.append(LayerSelection.build(name, config.structure, score, indices[name], groups))
+    wrap_with_indices(model, indices, dict.fromkeys(indices, config.structure), config)
+    model.grft_selection = record
+    return model
 
 
 def _unwrap(model: nn.Module, merge: bool) -> nn.Module:
     for name, layer in list(grft_layers(model)):
         _replace_module(model, name, layer.merge() if merge else layer.base_layer)
-    if hasattr(model, "grft_config"):
-        del model.grft_config
+    for attribute in ("grft_config", "grft_selection"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
     return model
 
 
@@ -153,8 +131,3 @@ def merge_grft(model: nn.Module) -> nn.Module:
 def unload_grft(model: nn.Module) -> nn.Module:
     """Remove every wrapper without merging, restoring the original weights."""
     return _unwrap(model, merge=False)
-
-
-def is_grft_model(model: nn.Module) -> bool:
-    """True when ``model`` holds at least one GRFT wrapper."""
-    return any(isinstance(module, GRFTLayer) for module in model.modules())

@@ -1,0 +1,44 @@
+"""The loss whose gradients rank parameters: supervised contrastive (SupCon) on pre-logits features.
+
+SupCon comes from pytorch-metric-learning (``losses.SupConLoss``: cosine similarity, i.e. L2-normalised
+features, mean over anchors). It is undefined for a batch without a positive pair (two samples of one
+class) or without a negative pair (two classes); pytorch-metric-learning then silently returns zero, so
+such batches are refused here with an explanation instead.
+"""
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning import losses
+
+from .topk import SelectionError
+
+__all__ = ["SupConSelectionLoss"]
+
+
+class SupConSelectionLoss:
+    """``(features [N, D], labels [N]) -> scalar`` SupCon loss with the batch checks above.
+
+    Args:
+        temperature: SupCon temperature (0.07 as in GPS/GRFT).
+    """
+
+    def __init__(self, temperature: float = 0.07) -> None:
+        self.loss = losses.SupConLoss(temperature=temperature)
+
+    @staticmethod
+    def check_batch(labels: torch.Tensor, batch_index: int) -> None:
+        """Raise :class:`SelectionError` when SupCon is undefined on a batch with these labels."""
+        classes, counts = labels.unique(return_counts=True)
+        if classes.numel() < 2:
+            raise SelectionError(
+                f"selection batch {batch_index} holds a single class (label {int(classes[0])}); the SupCon loss "
+                "needs at least two classes per batch. Shuffle the selection data, use a larger batch size, or "
+                "a class-balanced sampler.")
+        if int(counts.max()) < 2:
+            raise SelectionError(
+                f"selection batch {batch_index} has no two samples of the same class, so SupCon has no positive "
+                "pair. Use two views per image (selection_views=2) or a larger batch size.")
+
+    def __call__(self, features: torch.Tensor, labels: torch.Tensor, batch_index: int = 0) -> torch.Tensor:
+        self.check_batch(labels, batch_index)
+        return self.loss(features.float(), labels)
