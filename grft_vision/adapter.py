@@ -27,7 +27,8 @@ from .anatomy import architecture_name, grft_layers, is_grft_model, original_nam
 from .config import GRFTConfig
 from .model import wrap_with_indices
 
-__all__ = ["save_adapter", "load_adapter", "AdapterError", "ADAPTER_FORMAT"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state", "apply_adapter_state", "AdapterError",
+           "ADAPTER_FORMAT"]
 
 ADAPTER_FORMAT = "grft-adapter/1"
 _INDICES, _DELTA = ".grft_indices", ".grft_delta"
@@ -72,14 +73,14 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.contiguous().cpu() for key, value in tensors.items()}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the adapter of a wrapped model to ``path`` (a ``.safetensors`` file), atomically.
+def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a wrapped model's adapter: what :func:`save_adapter` writes.
 
     Raises:
         ValueError: the model holds no GRFT layer.
     """
     if not is_grft_model(model):
-        raise ValueError("save_adapter needs a model wrapped by apply_grft (it holds no GRFT layer).")
+        raise ValueError("saving an adapter needs a model wrapped by apply_grft (it holds no GRFT layer).")
     config: GRFTConfig = model.grft_config
     metadata = {
         "format": ADAPTER_FORMAT,
@@ -87,12 +88,22 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "structures": json.dumps({name: layer.structure for name, layer in grft_layers(model)}),
         "base_model": json.dumps(_base_identity(model)),
     }
+    return adapter_tensors(model), metadata
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the adapter of a wrapped model to ``path`` (a ``.safetensors`` file), atomically.
+
+    Raises:
+        ValueError: the model holds no GRFT layer.
+    """
+    tensors, metadata = adapter_state(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        save_file(adapter_tensors(model), tmp_name, metadata=metadata)
+        save_file(tensors, tmp_name, metadata=metadata)
         os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):
@@ -122,7 +133,7 @@ def _original_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {original_name(name): param for name, param in model.named_parameters() if not name.endswith(".delta")}
 
 
-def _check_identity(path: Path, saved: dict, model: nn.Module, check_weights: bool) -> None:
+def _check_identity(source: str, saved: dict, model: nn.Module, check_weights: bool) -> None:
     params = _original_parameters(model)
     saved_shapes = saved["param_shapes"]
     differences = [f"{name}: adapter {saved_shapes.get(name)} vs model "
@@ -131,7 +142,7 @@ def _check_identity(path: Path, saved: dict, model: nn.Module, check_weights: bo
                    if name not in params or saved_shapes.get(name) != list(params[name].shape)]
     if differences:
         raise AdapterError(
-            f"adapter {str(path)!r} was saved from {saved['architecture']!r} and does not fit this "
+            f"adapter {source!r} was saved from {saved['architecture']!r} and does not fit this "
             f"{architecture_name(model)!r}: {len(differences)} parameter(s) differ, e.g. "
             f"{'; '.join(differences[:3])}. Create the same model (architecture and num_classes) it was "
             "trained from.")
@@ -140,7 +151,7 @@ def _check_identity(path: Path, saved: dict, model: nn.Module, check_weights: bo
     for weight_name, checksum in saved["weight_checksums"].items():
         if abs(_weight_checksum(params[weight_name]) - checksum) > _CHECKSUM_RTOL * abs(checksum):
             raise AdapterError(
-                f"adapter {str(path)!r} was trained on different base weights: {weight_name!r} does not match. "
+                f"adapter {source!r} was trained on different base weights: {weight_name!r} does not match. "
                 "Load the same pre-trained checkpoint it was trained from (or pass check_weights=False "
                 "to load anyway).")
 
@@ -149,7 +160,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_weights: bo
     """Load an adapter file onto ``model`` and return it, wrapped and ready to run or train further.
 
     ``model`` is a plain model (it is wrapped with the file's indices) or one already wrapped with the
-    same layers and structures (its indices and updates are overwritten).
+    same layers and structures (its indices and updates are overwritten, its parameters kept).
 
     Args:
         model: the base model the adapter was trained from (same architecture, classes and weights).
@@ -161,19 +172,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_weights: bo
     """
     path = Path(path)
     metadata, tensors = _read(path)
+    return apply_adapter_state(model, tensors, metadata, source=str(path), check_weights=check_weights)
+
+
+def apply_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *,
+                        source: str = "adapter", check_weights: bool = True) -> nn.Module:
+    """Load ``(tensors, metadata)`` from :func:`adapter_state` onto ``model`` (see :func:`load_adapter`)."""
     config = GRFTConfig.from_dict(json.loads(metadata["config"]))
     structures: dict[str, str] = json.loads(metadata["structures"])
     saved_identity = json.loads(metadata["base_model"])
     existing = dict(grft_layers(model))
     if existing and set(existing) != set(structures):
-        raise AdapterError(f"model is wrapped at {len(existing)} layers but adapter {str(path)!r} has "
+        raise AdapterError(f"model is wrapped at {len(existing)} layers but adapter {source!r} has "
                            f"{len(structures)}; load it onto a fresh (unwrapped) model instead.")
     if not existing:
         missing = [name for name in structures if not _has_module(model, name)]
         if missing:
-            raise AdapterError(f"adapter {str(path)!r} targets layers this model does not have, e.g. "
+            raise AdapterError(f"adapter {source!r} targets layers this model does not have, e.g. "
                                f"{missing[:3]}; it was saved from {saved_identity['architecture']!r}.")
-    _check_identity(path, saved_identity, model, check_weights)
+    _check_identity(source, saved_identity, model, check_weights)
     indices = {name: tensors[name + _INDICES].long() for name in structures}
     if existing:
         for name, layer in existing.items():
@@ -185,7 +202,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, check_weights: bo
         wrap_with_indices(model, {}, {}, config)
     else:
         wrap_with_indices(model, indices, structures, config)
-    _copy_values(model, tensors, structures, path)
+    _copy_values(model, tensors, structures, source)
     return model
 
 
@@ -198,7 +215,7 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 
 def _copy_values(model: nn.Module, tensors: dict[str, torch.Tensor], structures: dict[str, str],
-                 path: Path) -> None:
+                 source: str) -> None:
     layers = dict(grft_layers(model))
     named = {original_name(name): tensor for name, tensor in model.named_parameters()}
     named.update({original_name(name): tensor for name, tensor in model.named_buffers()})
@@ -209,5 +226,5 @@ def _copy_values(model: nn.Module, tensors: dict[str, torch.Tensor], structures:
             if key.endswith((_INDICES, _DELTA)):
                 continue
             if key not in named:
-                raise AdapterError(f"adapter {str(path)!r} holds {key!r}, which this model does not have.")
+                raise AdapterError(f"adapter {source!r} holds {key!r}, which this model does not have.")
             named[key].copy_(value)

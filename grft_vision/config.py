@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["GRFTConfig", "STRUCTURES", "ConfigError", "resolve_config"]
+__all__ = ["GRFTConfig", "STRUCTURES", "ConfigError", "resolve_config", "coerce_numbers"]
 
 STRUCTURES = ("row", "column", "sparse")
 
@@ -37,6 +37,11 @@ class GRFTConfig:
         default=1,
         metadata={"help": "Rows, columns or per-row entries per weight: an int >= 1, or a float in (0, 1) "
                           "read as a fraction of the dimension (rounded half up, at least 1)."},
+    )
+    conv_columns: str = field(
+        default="channel",
+        metadata={"help": "What a column of a convolution is: 'channel' (an input channel with all its taps) or "
+                          "'tap' (a column of the [out, in*kh*kw] view, as GPS and the GRFT paper's budgets)."},
     )
     clamp_k: bool = field(
         default=False,
@@ -103,6 +108,8 @@ class GRFTConfig:
         if self.structure not in STRUCTURES:
             raise ConfigError(f"structure={self.structure!r} is not known; use one of {', '.join(STRUCTURES)}.")
         _check_k(self.k)
+        if self.conv_columns not in ("channel", "tap"):
+            raise ConfigError(f"conv_columns={self.conv_columns!r} must be 'channel' or 'tap'.")
         for name in ("target_modules", "exclude_modules", "extra_trainable"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -132,7 +139,7 @@ class GRFTConfig:
                 close = difflib.get_close_matches(key, sorted(known), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"unknown GRFT config key {key!r}.{hint} Valid keys: {', '.join(sorted(known))}.")
-        return cls(**values)
+        return cls(**coerce_numbers(cls, values))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "GRFTConfig":
@@ -142,6 +149,11 @@ class GRFTConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of GRFT config keys, got {type(values).__name__}.")
         return cls.from_dict(values)
+
+    def layer_structure(self, layer: Any) -> str:
+        """The structure one layer gets: ``structure``, or 'tap_column' for convolution columns by tap."""
+        is_conv = hasattr(layer, "kernel_size")
+        return "tap_column" if self.structure == "column" and self.conv_columns == "tap" and is_conv else self.structure
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain Python values (JSON/YAML serialisable)."""
@@ -162,3 +174,22 @@ def resolve_config(config: GRFTConfig | Mapping[str, Any] | None) -> GRFTConfig:
     if isinstance(config, GRFTConfig):
         return config
     return GRFTConfig.from_dict(config)
+
+
+def coerce_numbers(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Read numbers that YAML left as strings (PyYAML parses ``1e-3`` as a string) for numeric fields.
+
+    Raises:
+        ConfigError: a numeric field holds text that is not a number.
+    """
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    coerced = dict(values)
+    for key, value in values.items():
+        if not isinstance(value, str) or "float" not in types.get(key, ""):
+            continue
+        try:
+            coerced[key] = float(value)
+        except ValueError:
+            if "str" not in types[key]:
+                raise ConfigError(f"{key}={value!r} must be a number.") from None
+    return coerced

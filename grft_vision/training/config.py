@@ -1,0 +1,124 @@
+"""The settings of one training run, layered: defaults < benchmark defaults < task file < --config < flags.
+
+A run is described by two dataclasses: :class:`TrainConfig` (data, model, optimisation, outputs) and
+:class:`~grft_vision.config.GRFTConfig` (what trains and how it is chosen). Config files and ``--set``
+overrides use one flat namespace of keys from both; a key that belongs to neither is an error naming it
+and the closest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from ..config import ConfigError, GRFTConfig, coerce_numbers
+
+__all__ = ["TrainConfig", "METHODS", "load_layers", "split_settings", "resolved_settings"]
+
+METHODS = ("grft", "full", "head")
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run except the GRFT options (those live in :class:`GRFTConfig`)."""
+
+    # --- data ---------------------------------------------------------------------------------
+    dataset: str = field(default="synthetic", metadata={"help": "Dataset name (VTAB task, FGVC dataset, synthetic)."})
+    data_dir: str | None = field(default=None, metadata={"help": "TFDS data dir, VTAB folder root or FGVC root."})
+    layout: str = field(default="auto", metadata={"help": "Data layout: auto, tfds, folder, json, official."})
+    train_split: str = field(default="train800val200", metadata={"help": "Split to train (and select) on."})
+    eval_split: str = field(default="test", metadata={"help": "Split to report top-1 on."})
+    workers: int = field(default=2, metadata={"help": "DataLoader worker processes."})
+    synthetic_classes: int = field(default=10, metadata={"help": "Classes of the synthetic dataset."})
+    synthetic_samples: int = field(default=1000, metadata={"help": "Training images of the synthetic dataset."})
+    synthetic_image_size: int = field(default=32, metadata={"help": "Side of the synthetic images (pixels)."})
+    # --- model ------------------------------------------------------------------------------------
+    model: str = field(default="vit_base_patch16_224.augreg_in21k", metadata={"help": "timm model name."})
+    pretrained: bool = field(default=True, metadata={"help": "Load pre-trained weights (hub or --checkpoint)."})
+    checkpoint: str | None = field(default=None, metadata={"help": "Local weights file for the timm model."})
+    img_size: int | None = field(default=None, metadata={"help": "Input side (pixels); None: the model's."})
+    drop_path: float = field(default=0.0, metadata={"help": "Stochastic depth rate."})
+    interpolation: str | None = field(default=None, metadata={"help": "Resize interpolation; None: protocol's."})
+    mean: list[float] | None = field(default=None, metadata={"help": "Normalisation mean; None: the model's."})
+    std: list[float] | None = field(default=None, metadata={"help": "Normalisation std; None: the model's."})
+    # --- optimisation -----------------------------------------------------------------------------
+    method: str = field(default="grft", metadata={"help": "grft, full (full fine-tuning) or head (linear probe)."})
+    opt: str = field(default="adam", metadata={"help": "timm optimizer name (create_optimizer_v2)."})
+    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay."})
+    batch_size: int = field(default=32, metadata={"help": "Global batch size (split over processes)."})
+    epochs: int = field(default=100, metadata={"help": "Cosine epochs after the warm-up."})
+    warmup_epochs: int = field(default=10, metadata={"help": "Linear warm-up epochs, added before --epochs."})
+    warmup_lr: float = field(default=1e-7, metadata={"help": "Learning rate at the start of warm-up."})
+    min_lr: float = field(default=1e-8, metadata={"help": "Learning rate at the end of the cosine."})
+    sched: str = field(default="cosine", metadata={"help": "timm scheduler name (create_scheduler_v2)."})
+    clip_grad: float | None = field(default=None, metadata={"help": "Clip the gradient norm to this value."})
+    mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (0: off)."})
+    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off)."})
+    smoothing: float = field(default=0.0, metadata={"help": "Label smoothing."})
+    amp: bool = field(default=True, metadata={"help": "Mixed precision on CUDA (bf16 where supported)."})
+    seed: int = field(default=42, metadata={"help": "Seed of the model head, data order and selection."})
+    # --- outputs ----------------------------------------------------------------------------------
+    run_dir: str | None = field(default=None, metadata={"help": "Output directory; None: runs/<dataset>/<time>."})
+    logdir: str | None = field(default=None, metadata={"help": "TensorBoard directory; None: <run_dir>/tb."})
+    eval_every: int = field(default=10, metadata={"help": "Evaluate every N epochs (and at the end)."})
+    quiet: bool = field(default=False, metadata={"help": "No progress bars (for logs)."})
+    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; None: CUDA when available."})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is not known; use one of {', '.join(METHODS)}.")
+        for name in ("epochs", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1.")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"warmup_epochs={self.warmup_epochs!r} must be >= 0.")
+
+    @property
+    def total_epochs(self) -> int:
+        """Warm-up plus cosine epochs."""
+        return self.warmup_epochs + self.epochs
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def load_layers(paths: Iterable[str | Path]) -> dict[str, Any]:
+    """Merge YAML mappings in order (later files override earlier ones), checking every key."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(values).__name__}.")
+        _check_keys(values, str(path))
+        merged.update(values)
+    return merged
+
+
+def _check_keys(values: Mapping[str, Any], where: str) -> None:
+    known = _field_names(TrainConfig) | _field_names(GRFTConfig)
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown setting {key!r}.{hint}")
+
+
+def split_settings(values: Mapping[str, Any], where: str = "settings") -> tuple[TrainConfig, GRFTConfig]:
+    """Build ``(TrainConfig, GRFTConfig)`` from one flat mapping of keys."""
+    _check_keys(values, where)
+    train_keys = _field_names(TrainConfig)
+    train = TrainConfig(**coerce_numbers(TrainConfig, {k: v for k, v in values.items() if k in train_keys}))
+    grft = GRFTConfig.from_dict({k: v for k, v in values.items() if k not in train_keys})
+    return train, grft
+
+
+def resolved_settings(train: TrainConfig, grft: GRFTConfig) -> dict[str, Any]:
+    """The flat mapping of every setting of a run (what is saved as ``config.yaml``)."""
+    return {**dataclasses.asdict(train), **grft.to_dict()}
