@@ -13,6 +13,9 @@ row         ``[k, in]``               ``[k, in/g, kh, kw]``   ``y = base(x)``, t
 column      ``[out, k]``              ``[out/g, k, kh, kw]``  ``y = base(x) + x[..., idx] @ delta^T``
 sparse      ``[out, k]``              ``[out, k]``            linear: a gather of the chosen inputs;
                                                               conv: materialised (no channel form)
+tap_column  (conv only)               ``[out, k]``            a column of the ``[out, in/g*kh*kw]`` view
+                                                              (one input channel at one tap): a conv
+                                                              over the chosen channels only
 ==========  ========================  ======================  =================================
 
 At zero update the wrapped layer returns exactly what the original returns (the update adds zeros).
@@ -41,8 +44,8 @@ class GRFTLayer(nn.Module):
 
     Attributes:
         base_layer: the wrapped ``nn.Linear`` / ``nn.Conv2d`` (or subclass), weight frozen.
-        structure: 'row', 'column' or 'sparse'.
-        indices: int64 buffer, ``[k]`` (row, column) or ``[out, k]`` (sparse).
+        structure: 'row', 'column', 'sparse' or (convolutions) 'tap_column'.
+        indices: int64 buffer, ``[k]`` (row, column, tap_column) or ``[out, k]`` (sparse).
         delta: trainable parameter with exactly the chosen entries, shape given in the module docstring.
     """
 
@@ -170,7 +173,8 @@ class GRFTConv2d(GRFTLayer):
 
     def __init__(self, base_layer: nn.Conv2d, structure: str, indices: torch.Tensor) -> None:
         super().__init__(base_layer, structure, indices)
-        self._channel_form = type(base_layer) in _PLAIN_CONV_TYPES and structure != "sparse"
+        grouped_taps = structure == "tap_column" and base_layer.groups > 1
+        self._channel_form = type(base_layer) in _PLAIN_CONV_TYPES and structure != "sparse" and not grouped_taps
 
     @property
     def _group_sizes(self) -> tuple[int, int, int]:
@@ -184,7 +188,7 @@ class GRFTConv2d(GRFTLayer):
             return (count, in_per_group, kh, kw)
         if self.structure == "column":
             return (out_channels // self.base_layer.groups, count, kh, kw)
-        return (out_channels, count)
+        return (out_channels, count)  # sparse, tap_column
 
     def _on_indices_changed(self) -> None:
         groups, out_per_group, in_per_group = self._group_sizes
@@ -196,6 +200,11 @@ class GRFTConv2d(GRFTLayer):
             first = (self.indices // in_per_group) * out_per_group
             channels = first[:, None] + torch.arange(out_per_group, device=first.device)
             self.register_buffer("_scatter_channels", channels.reshape(-1), persistent=False)
+        elif self.structure == "tap_column":  # the input channels read, and each entry's slot among their taps
+            taps = self.base_layer.kernel_size[0] * self.base_layer.kernel_size[1]
+            channels, position = torch.unique(self.indices // taps, sorted=True, return_inverse=True)
+            self.register_buffer("_tap_channels", channels, persistent=False)
+            self.register_buffer("_tap_slots", position * taps + self.indices % taps, persistent=False)
 
     def _column_view(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``dense`` viewed as ``[groups, out/g, in/g, kh, kw]`` plus the (group, local channel) of each index."""
@@ -210,6 +219,8 @@ class GRFTConv2d(GRFTLayer):
             return dense.index_copy(0, self.indices, self.delta)
         if self.structure == "sparse":
             return dense.reshape(shape[0], -1).scatter(1, self.indices, self.delta).reshape(shape)
+        if self.structure == "tap_column":
+            return dense.reshape(shape[0], -1).index_copy(1, self.indices, self.delta).reshape(shape)
         view, group, local = self._column_view(dense)
         view[group, :, local] = self.delta.transpose(0, 1)  # advanced indices first: [k, out/g, kh, kw]
         return view.reshape(shape)
@@ -219,6 +230,8 @@ class GRFTConv2d(GRFTLayer):
             return dense.index_select(0, self.indices)
         if self.structure == "sparse":
             return dense.reshape(dense.shape[0], -1).gather(1, self.indices)
+        if self.structure == "tap_column":
+            return dense.reshape(dense.shape[0], -1).index_select(1, self.indices)
         view, group, local = self._column_view(dense)
         return view[group, :, local].transpose(0, 1)
 
@@ -245,6 +258,11 @@ class GRFTConv2d(GRFTLayer):
             else:
                 update = self._conv(x.index_select(1, self._gather_channels), delta, count)
             return y.index_add(1, self.indices, update.to(y.dtype))
+        if self.structure == "tap_column":  # a small kernel over the chosen channels, zero but at the chosen taps
+            out_channels, _, kh, kw = self.base_layer.weight.shape
+            kernel = delta.new_zeros(out_channels, len(self._tap_channels) * kh * kw)
+            kernel = kernel.index_copy(1, self._tap_slots, delta).reshape(out_channels, -1, kh, kw)
+            return y + self._conv(x.index_select(1, self._tap_channels), kernel, 1).to(y.dtype)
         chosen = x.index_select(1, self.indices)
         if groups == 1:
             return y + self._conv(chosen, delta, 1).to(y.dtype)

@@ -99,13 +99,15 @@ def apply_grft(
                                  result.chosen_subset, result.subset_size, result.seconds)
     targets = find_target_layers(model, config)
     indices = {}
+    structures = {}
     for name, layer in targets.items():
         score = _check_score(name, layer, scores)
         groups = getattr(layer, "groups", 1)
-        indices[name] = choose_indices(score, config.structure, config.k, groups=groups, layer_name=name,
+        structures[name] = config.layer_structure(layer)
+        indices[name] = choose_indices(score, structures[name], config.k, groups=groups, layer_name=name,
                                        clamp=config.clamp_k)
-        record.layers.append(LayerSelection.build(name, config.structure, score, indices[name], groups))
-    wrap_with_indices(model, indices, dict.fromkeys(indices, config.structure), config)
+        record.layers.append(LayerSelection.build(name, structures[name], score, indices[name], groups))
+    wrap_with_indices(model, indices, structures, config)
     model.grft_selection = record
     return model
 

@@ -44,6 +44,17 @@ def test_vit_base_sparse_k1_matches_gps_reference_count(vit_base):
     assert trainable_parameters_report(model).trainable == 167_424 + 768 * 47 + 47
 
 
+def test_vit_base_tap_columns_k2_trainable_count_is_analytic(vit_base):
+    config = GRFTConfig(structure="column", conv_columns="tap", k=2)
+    model = apply_grft(copy.deepcopy(vit_base), random_scores(vit_base), config)
+    # A column holds one weight per output: 2 * (2304 + 768 + 3072 + 768) per block plus the biases; the
+    # patch embedding's [768, 3*16*16] view gives 2 columns of 768 (one channel at one tap each).
+    per_block = 2 * (2304 + 768 + 3072 + 768) + (2304 + 768 + 3072 + 768)
+    expected = 12 * per_block + (2 * 768 + 768) + (768 * 47 + 47)
+    assert trainable_parameters_report(model).trainable == expected
+    assert model.patch_embed.proj.structure == "tap_column"
+
+
 def test_default_trainable_set_follows_gps_convention():
     model = make_model("vit")
     apply_grft(model, random_scores(model))

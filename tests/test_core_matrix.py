@@ -16,7 +16,10 @@ from conftest import images, make_model, random_scores
 from grft_vision import GRFTConfig, apply_grft, load_adapter, merge_grft, save_adapter
 from grft_vision.anatomy import grft_layers
 
-STRUCTURES = ["row", "column", "sparse"]
+# structure name -> config fields; "tap_column" is a column of the [out, in*kh*kw] view of conv weights
+STRUCTURES = ["row", "column", "sparse", "tap_column"]
+CONFIGS = {"row": {"structure": "row"}, "column": {"structure": "column"}, "sparse": {"structure": "sparse"},
+           "tap_column": {"structure": "column", "conv_columns": "tap"}}
 
 
 def chosen_mask(layer) -> torch.Tensor:
@@ -28,6 +31,8 @@ def chosen_mask(layer) -> torch.Tensor:
         mask[indices] = True
     elif layer.structure == "sparse":
         mask.view(weight.shape[0], -1).scatter_(1, indices, True)
+    elif layer.structure == "tap_column":
+        mask.view(weight.shape[0], -1)[:, indices] = True
     else:
         groups = getattr(layer.base_layer, "groups", 1)
         out_per_group, in_per_group = weight.shape[0] // groups, weight.shape[1]
@@ -49,7 +54,7 @@ def scatter_values(layer, values: torch.Tensor) -> torch.Tensor:
 
 def wrap(name: str, structure: str, k: int = 2):
     original = make_model(name)
-    wrapped = apply_grft(copy.deepcopy(original), random_scores(original), GRFTConfig(structure=structure, k=k))
+    wrapped = apply_grft(copy.deepcopy(original), random_scores(original), GRFTConfig(**CONFIGS[structure], k=k))
     return original, wrapped
 
 

@@ -24,6 +24,8 @@ def candidate_scores(score: torch.Tensor, structure: str, groups: int = 1) -> to
         return values.reshape(values.shape[0], -1).sum(1)
     if structure == "column":
         return _reduce_columns(values, groups)
+    if structure == "tap_column":
+        return values.reshape(values.shape[0], -1).sum(0)
     return values.reshape(values.shape[0], -1)
 
 

@@ -7,7 +7,9 @@ It is reduced by summation to one value per candidate, then the k largest candid
 - ``row``: one candidate per output row / output channel, ``S_i = sum_j s_ij`` (paper Eq. 4);
 - ``column``: one candidate per input feature / input channel (for grouped convolutions a global input
   channel ``c`` covers the output channels of its group and all taps);
-- ``sparse``: every row keeps its own k largest entries (GPS), conv rows flattened to ``in/groups*kh*kw``.
+- ``sparse``: every row keeps its own k largest entries (GPS), conv rows flattened to ``in/groups*kh*kw``;
+- ``tap_column`` (convolutions): one candidate per column of the ``[out, in/groups*kh*kw]`` view, i.e.
+  one input channel at one kernel tap, as GPS and the GRFT paper reshape conv weights.
 
 Ties are broken towards the lower index (stable sort), so equal scores give equal selections.
 """
@@ -31,7 +33,7 @@ def candidate_count(weight_shape: torch.Size | tuple[int, ...], structure: str, 
         return out_features
     if structure == "column":
         return in_per_group * groups
-    if structure == "sparse":
+    if structure in ("sparse", "tap_column"):
         return math.prod(weight_shape[1:])
     raise SelectionError(f"unknown structure {structure!r}; use 'row', 'column' or 'sparse'.")
 
@@ -53,7 +55,7 @@ def resolve_k(k: int | float, dimension: int, layer_name: str, structure: str, c
     if count > dimension:
         if clamp:
             return dimension
-        unit = {"row": "rows", "column": "columns", "sparse": "entries per row"}[structure]
+        unit = {"row": "rows", "column": "columns", "tap_column": "columns", "sparse": "entries per row"}[structure]
         raise SelectionError(
             f"k={k} is larger than layer {layer_name!r}, which has {dimension} {unit}. Use k <= {dimension}, a "
             f"fraction such as k=0.01, set clamp_k=True, or exclude the layer with exclude_modules=['{layer_name}']."
@@ -94,8 +96,9 @@ def choose_indices(
         clamp: clamp k to the dimension instead of raising.
 
     Returns:
-        int64 indices, ascending: ``[k]`` output rows (row), ``[k]`` global input channels (column), or
-        ``[out, k]`` flat positions within each row of the ``[out, in/groups*kh*kw]`` view (sparse).
+        int64 indices, ascending: ``[k]`` output rows (row), ``[k]`` global input channels (column), ``[k]``
+        columns of the ``[out, in/groups*kh*kw]`` view (tap_column), or ``[out, k]`` flat positions within
+        each row of that view (sparse).
     """
     count = resolve_k(k, candidate_count(score.shape, structure, groups), layer_name, structure, clamp)
     values = score.detach().double()
@@ -103,4 +106,6 @@ def choose_indices(
         return _top_k_sorted(values.reshape(values.shape[0], -1).sum(1), count)
     if structure == "column":
         return _top_k_sorted(_reduce_columns(values, groups), count)
+    if structure == "tap_column":
+        return _top_k_sorted(values.reshape(values.shape[0], -1).sum(0), count)
     return _top_k_sorted(values.reshape(values.shape[0], -1), count)
