@@ -3,6 +3,8 @@
 Contents (tensor keys use the original, unwrapped module names):
 
 - ``<layer>.grft_indices`` (int32) and ``<layer>.grft_delta``: the chosen entries and their update;
+- ``<layer>.grft_residue_index`` / ``.grft_residue_value``: after dynamic re-selection, the updates of
+  entries chosen earlier (flat weight positions and values);
 - every other trainable tensor under its own name (head, biases, LayerScale, ...);
 - the running statistics of BatchNorm layers (they change in train mode even when frozen);
 
@@ -32,6 +34,7 @@ __all__ = ["save_adapter", "load_adapter", "adapter_state", "apply_adapter_state
 
 ADAPTER_FORMAT = "grft-adapter/1"
 _INDICES, _DELTA = ".grft_indices", ".grft_delta"
+_RESIDUE_INDEX, _RESIDUE_VALUE = ".grft_residue_index", ".grft_residue_value"
 _CHECKSUM_RTOL = 1e-3
 _STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -48,7 +51,7 @@ def _weight_checksum(weight: torch.Tensor) -> float:
 def _base_identity(model: nn.Module) -> dict:
     wrapped = {name: layer for name, layer in grft_layers(model)}
     shapes = {name: list(param.shape) for name, param in _original_parameters(model).items()}
-    checksums = {f"{name}.weight": _weight_checksum(layer.base_layer.weight) for name, layer in wrapped.items()}
+    checksums = {f"{name}.weight": _weight_checksum(layer.pristine_weight()) for name, layer in wrapped.items()}
     return {"architecture": architecture_name(model), "param_shapes": shapes, "weight_checksums": checksums}
 
 
@@ -66,6 +69,9 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         delta_ids.add(id(layer.delta))
         tensors[name + _INDICES] = layer.indices.to(torch.int32)
         tensors[name + _DELTA] = layer.delta.detach()
+        if layer.residue_index.numel():
+            tensors[name + _RESIDUE_INDEX] = layer.residue_index
+            tensors[name + _RESIDUE_VALUE] = layer.residue_value
     for name, param in model.named_parameters():
         if param.requires_grad and id(param) not in delta_ids:
             tensors[original_name(name)] = param.detach()
@@ -197,12 +203,17 @@ def apply_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta
             if layer.structure != structures[name]:
                 raise AdapterError(f"layer {name!r} is wrapped as {layer.structure!r} but the adapter holds "
                                    f"{structures[name]!r}; load it onto a fresh model instead.")
+            layer.unload()  # back to the pre-trained weight before any residue of the file is folded in
             if not torch.equal(layer.indices.cpu(), indices[name]):
                 layer.set_indices(indices[name])
         wrap_with_indices(model, {}, {}, config)
     else:
         wrap_with_indices(model, indices, structures, config)
     _copy_values(model, tensors, structures, source)
+    layers = dict(grft_layers(model))
+    for name in structures:
+        if name + _RESIDUE_INDEX in tensors:
+            layers[name].add_residue(tensors[name + _RESIDUE_INDEX], tensors[name + _RESIDUE_VALUE])
     return model
 
 
@@ -223,7 +234,7 @@ def _copy_values(model: nn.Module, tensors: dict[str, torch.Tensor], structures:
         for name in structures:
             layers[name].delta.copy_(tensors[name + _DELTA])
         for key, value in tensors.items():
-            if key.endswith((_INDICES, _DELTA)):
+            if key.endswith((_INDICES, _DELTA, _RESIDUE_INDEX, _RESIDUE_VALUE)):
                 continue
             if key not in named:
                 raise AdapterError(f"adapter {source!r} holds {key!r}, which this model does not have.")

@@ -14,9 +14,12 @@ from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["GRFTConfig", "STRUCTURES", "ConfigError", "resolve_config", "coerce_numbers"]
+__all__ = ["GRFTConfig", "STRUCTURES", "SCORES", "ConfigError", "resolve_config", "coerce_numbers"]
 
 STRUCTURES = ("row", "column", "sparse")
+# the importance scores of grft_vision.selection.salience
+SCORES = ("grft", "gradient", "magnitude", "snip", "force", "taylor_fo", "synflow", "grasp", "fisher", "d3",
+           "gem", "random")
 
 
 class ConfigError(ValueError):
@@ -43,6 +46,19 @@ class GRFTConfig:
         metadata={"help": "What a column of a convolution is: 'channel' (an input channel with all its taps) or "
                           "'tap' (a column of the [out, in*kh*kw] view, as GPS and the GRFT paper's budgets)."},
     )
+    budget: str = field(
+        default="uniform",
+        metadata={"help": "How units are shared between layers: uniform (k per layer), global (SPEFT: best "
+                          "score per parameter across the model) or entropy (GEM: by the entropy of each layer's "
+                          "weights). See grft_vision.selection.budget."},
+    )
+    budget_params: int | None = field(
+        default=None, metadata={"help": "Total parameter budget of global/entropy budgets (default: what k spends)."},
+    )
+    budget_fraction: float | None = field(
+        default=None, metadata={"help": "Total budget as a fraction of the targeted weights' parameters."},
+    )
+    entropy_bins: int = field(default=256, metadata={"help": "Histogram bins of the entropy budget."})
     clamp_k: bool = field(
         default=False,
         metadata={"help": "Clamp k to a layer's dimension instead of raising when k is larger."},
@@ -74,6 +90,26 @@ class GRFTConfig:
         metadata={"help": "Glob patterns of parameter names to train fully in addition to the rules above."},
     )
     # --- selection: SupCon gradients on the lowest-loss subset (paper Alg. 1, §4.4.6) -------------
+    score: str = field(
+        default="grft",
+        metadata={"help": "Per-parameter importance: grft (squared gradient, the paper), gradient, magnitude, "
+                          "snip, force, taylor_fo, synflow, grasp, fisher (SPEFT), d3 (ID3), gem (gradient-to-"
+                          "weight ratio), random. See grft_vision.selection.salience."},
+    )
+    selection_loss: str = field(
+        default="supcon",
+        metadata={"help": "Loss whose gradients score parameters: supcon (pre-logits features, the paper) or "
+                          "cross_entropy (the task loss through the head)."},
+    )
+    d3_eps: float = field(default=1.0, metadata={"help": "ID3's epsilon in |g| / (|theta| + eps)^exp."})
+    d3_exp: float = field(default=2.0, metadata={"help": "ID3's exponent in |g| / (|theta| + eps)^exp."})
+    schedule: str = field(
+        default="static",
+        metadata={"help": "When the chosen entries change: static (chosen once), dynamic (SPEFT: re-chosen every "
+                          "schedule_interval steps) or incremental (ID3: unmasked step by step up to the budget)."},
+    )
+    schedule_interval: int = field(default=100, metadata={"help": "Optimizer steps between schedule events."})
+    schedule_batches: int = field(default=4, metadata={"help": "Batches of training data scored at each event."})
     temperature: float = field(default=0.07, metadata={"help": "SupCon temperature."})
     selection_views: int = field(
         default=2,
@@ -116,6 +152,20 @@ class GRFTConfig:
                 setattr(self, name, [value])
         if isinstance(self.head_modules, str):
             self.head_modules = [self.head_modules]
+        if self.budget not in ("uniform", "global", "entropy"):
+            raise ConfigError(f"budget={self.budget!r} must be 'uniform', 'global' or 'entropy'.")
+        if self.budget_params is not None and self.budget_fraction is not None:
+            raise ConfigError("set budget_params or budget_fraction, not both.")
+        if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
+            raise ConfigError(f"budget_fraction={self.budget_fraction!r} must be in (0, 1].")
+        if self.score not in SCORES:
+            raise ConfigError(f"score={self.score!r} is not known; use one of {', '.join(SCORES)}.")
+        if self.selection_loss not in ("supcon", "cross_entropy"):
+            raise ConfigError(f"selection_loss={self.selection_loss!r} must be 'supcon' or 'cross_entropy'.")
+        if self.schedule not in ("static", "dynamic", "incremental"):
+            raise ConfigError(f"schedule={self.schedule!r} must be 'static', 'dynamic' or 'incremental'.")
+        if self.schedule_interval < 1 or self.schedule_batches < 1:
+            raise ConfigError("schedule_interval and schedule_batches must be >= 1.")
         if self.selection_views not in (1, 2):
             raise ConfigError(f"selection_views={self.selection_views!r} must be 1 or 2.")
         if self.selection_mode not in ("train", "eval"):

@@ -53,8 +53,13 @@ class GRFTLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.structure = structure
+        device = base_layer.weight.device
         base_layer.weight.requires_grad_(False)
-        self.register_buffer("indices", torch.empty(0, dtype=torch.long, device=base_layer.weight.device))
+        self.register_buffer("indices", torch.empty(0, dtype=torch.long, device=device))
+        # updates of entries no longer chosen (dynamic schedules): folded into the base weight, recorded as
+        # flat weight positions and values so that W_pre, adapters and the regulariser stay exact
+        self.register_buffer("residue_index", torch.empty(0, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("residue_value", torch.empty(0, dtype=torch.float32, device=device), persistent=False)
         self.delta = nn.Parameter(torch.empty(0))
         self.set_indices(indices)
 
@@ -62,15 +67,19 @@ class GRFTLayer(nn.Module):
     def _delta_shape(self, count: int) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """A dense tensor of the weight's shape holding ``values`` (``delta``'s layout) at the chosen entries."""
+        raise NotImplementedError
+
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense tensor of the weight's shape (zeros outside the chosen entries)."""
-        raise NotImplementedError
+        return self.scatter(self.delta)
 
     def extract(self, dense: torch.Tensor) -> torch.Tensor:
         """The entries of a weight-shaped tensor that the update covers, in ``delta``'s layout.
 
-        The adjoint of :meth:`delta_weight`: ``extract(delta_weight()) == delta``. Used to read the slice
-        of a dense gradient or of a dense weight difference that corresponds to this update.
+        The adjoint of :meth:`scatter`: ``extract(scatter(values)) == values``. Used to read the slice of a
+        dense gradient or of a dense weight difference that corresponds to this update.
         """
         raise NotImplementedError
 
@@ -83,10 +92,88 @@ class GRFTLayer(nn.Module):
         self.indices = indices
         self.delta = nn.Parameter(torch.zeros(self._delta_shape(count), dtype=_update_dtype(weight),
                                               device=weight.device))
+        self._distance_cache = None
         self._on_indices_changed()
 
     def _on_indices_changed(self) -> None:
         """Hook for subclasses that precompute index tensors from ``indices``."""
+
+    def _flat_positions(self) -> torch.Tensor:
+        """Flat positions in the weight of the update's entries, in ``delta``'s layout (int64)."""
+        weight = self.base_layer.weight
+        return self.extract(torch.arange(weight.numel(), device=weight.device).view(weight.shape))
+
+    def reselect(self, indices: torch.Tensor, *, keep: bool) -> torch.Tensor:
+        """Move the update to newly chosen entries (dynamic and incremental schedules).
+
+        Args:
+            indices: the new chosen entries (same structure).
+            keep: True (incremental): entries chosen before and now keep their value. False (dynamic, as
+                SPEFT): the whole update is first folded into the weight (and recorded as residue) and the new
+                update starts from zero.
+
+        Returns:
+            For every entry of the new update (flattened), its position in the old flattened update, or -1.
+            Used to carry optimizer state over.
+        """
+        old_positions = self.scatter(torch.arange(1, self.delta.numel() + 1, device=self.delta.device)
+                                     .view(self.delta.shape)) - 1
+        old_values = self.delta.detach().flatten()
+        if not keep:
+            self._fold_into_residue()
+        self.set_indices(indices)
+        mapping = self.extract(old_positions).flatten()
+        if keep:
+            with torch.no_grad():
+                kept = mapping >= 0
+                self.delta.view(-1)[kept] = old_values[mapping[kept]]
+        return mapping
+
+    def _fold_into_residue(self) -> None:
+        flat = self._flat_positions().flatten()
+        values = self.delta.detach().flatten().float()
+        with torch.no_grad():
+            self.base_layer.weight.view(-1).index_add_(0, flat, values.to(self.base_layer.weight.dtype))
+        self.add_residue(flat, values, fold=False)
+
+    def add_residue(self, flat: torch.Tensor, values: torch.Tensor, *, fold: bool = True) -> None:
+        """Record (and, with ``fold``, add to the weight) a sparse change of the base weight."""
+        weight = self.base_layer.weight
+        flat, values = flat.to(weight.device), values.to(weight.device, torch.float32)
+        if fold:
+            with torch.no_grad():
+                weight.view(-1).index_add_(0, flat, values.to(weight.dtype))
+        index, inverse = torch.unique(torch.cat([self.residue_index, flat]), return_inverse=True)
+        summed = torch.zeros(len(index), device=weight.device).index_add_(0, inverse,
+                                                                          torch.cat([self.residue_value, values]))
+        self.residue_index, self.residue_value = index, summed
+        self._distance_cache = None
+
+    def distance_terms(self) -> tuple[torch.Tensor | None, float]:
+        """``(residue at the update's entries in delta's layout, sum of squares of the rest of the residue)``.
+
+        ``W - W_pre`` is ``residue + scatter(delta)``, so ``||W - W_pre||^2`` is
+        ``||delta + residue_at_delta||^2 + rest``. Without residue: ``(None, 0.0)``. Cached until the
+        entries or the residue change.
+        """
+        if self.residue_index.numel() == 0:
+            return None, 0.0
+        if self._distance_cache is None:
+            flat = self._flat_positions()
+            position = torch.searchsorted(self.residue_index, flat).clamp(max=len(self.residue_index) - 1)
+            found = self.residue_index[position] == flat
+            at_delta = torch.where(found, self.residue_value[position], torch.zeros((), device=flat.device))
+            rest = float(self.residue_value.pow(2).sum() - at_delta.pow(2).sum())
+            self._distance_cache = (at_delta, rest)
+        return self._distance_cache
+
+    def pristine_weight(self) -> torch.Tensor:
+        """The base weight without the residue: the pre-trained weight."""
+        weight = self.base_layer.weight.detach()
+        if self.residue_index.numel() == 0:
+            return weight
+        return weight.clone().view(-1).index_add_(0, self.residue_index, -self.residue_value.to(weight.dtype)) \
+            .view(weight.shape)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -105,6 +192,15 @@ class GRFTLayer(nn.Module):
         with torch.no_grad():
             weight = self.base_layer.weight
             weight.add_(self.delta_weight().to(weight.dtype))
+        return self.base_layer
+
+    def unload(self) -> nn.Module:
+        """Return the base layer with its pre-trained weight (any residue removed), discarding the update."""
+        if self.residue_index.numel():
+            with torch.no_grad():
+                self.base_layer.weight.copy_(self.pristine_weight())
+            self.residue_index, self.residue_value = self.residue_index[:0], self.residue_value[:0]
+            self._distance_cache = None
         return self.base_layer
 
     def _materialised_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,13 +230,13 @@ class GRFTLinear(GRFTLayer):
         out_features, in_features = self.base_layer.weight.shape
         return (count, in_features) if self.structure == "row" else (out_features, count)
 
-    def delta_weight(self) -> torch.Tensor:
-        dense = self.delta.new_zeros(self.base_layer.weight.shape)
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        dense = values.new_zeros(self.base_layer.weight.shape)
         if self.structure == "row":
-            return dense.index_copy(0, self.indices, self.delta)
+            return dense.index_copy(0, self.indices, values)
         if self.structure == "column":
-            return dense.index_copy(1, self.indices, self.delta)
-        return dense.scatter(1, self.indices, self.delta)
+            return dense.index_copy(1, self.indices, values)
+        return dense.scatter(1, self.indices, values)
 
     def extract(self, dense: torch.Tensor) -> torch.Tensor:
         if self.structure == "row":
@@ -150,6 +246,8 @@ class GRFTLinear(GRFTLayer):
         return dense.gather(1, self.indices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.delta.numel() == 0:  # nothing chosen (yet): the base layer alone
+            return self.base_layer(x)
         if not self._channel_form:
             return self._materialised_forward(x)
         y = self.base_layer(x)
@@ -212,17 +310,17 @@ class GRFTConv2d(GRFTLayer):
         view = dense.reshape(groups, out_per_group, in_per_group, *dense.shape[2:])
         return view, self.indices // in_per_group, self.indices % in_per_group
 
-    def delta_weight(self) -> torch.Tensor:
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
         shape = self.base_layer.weight.shape
-        dense = self.delta.new_zeros(shape)
+        dense = values.new_zeros(shape)
         if self.structure == "row":
-            return dense.index_copy(0, self.indices, self.delta)
+            return dense.index_copy(0, self.indices, values)
         if self.structure == "sparse":
-            return dense.reshape(shape[0], -1).scatter(1, self.indices, self.delta).reshape(shape)
+            return dense.reshape(shape[0], -1).scatter(1, self.indices, values).reshape(shape)
         if self.structure == "tap_column":
-            return dense.reshape(shape[0], -1).index_copy(1, self.indices, self.delta).reshape(shape)
+            return dense.reshape(shape[0], -1).index_copy(1, self.indices, values).reshape(shape)
         view, group, local = self._column_view(dense)
-        view[group, :, local] = self.delta.transpose(0, 1)  # advanced indices first: [k, out/g, kh, kw]
+        view[group, :, local] = values.transpose(0, 1)  # advanced indices first: [k, out/g, kh, kw]
         return view.reshape(shape)
 
     def extract(self, dense: torch.Tensor) -> torch.Tensor:
@@ -246,6 +344,8 @@ class GRFTConv2d(GRFTLayer):
         return F.conv2d(x, weight, None, base.stride, padding, base.dilation, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.delta.numel() == 0:  # nothing chosen (yet): the base layer alone
+            return self.base_layer(x)
         if not self._channel_form:
             return self._materialised_forward(x)
         y = self.base_layer(x)

@@ -15,6 +15,7 @@ from torch import nn
 from .anatomy import find_target_layers, grft_layers, head_module_names
 from .config import GRFTConfig, resolve_config
 from .layers import wrap_layer
+from .selection.budget import allocate_units
 from .selection.gradients import compute_scores
 from .selection.record import LayerSelection, SelectionRecord
 from .selection.topk import SelectionError, choose_indices
@@ -79,8 +80,9 @@ def apply_grft(
 
     Returns:
         The same model object, with wrappers in place, ``requires_grad`` set per the trainable-set rules,
-        the config stored as ``model.grft_config`` and a :class:`~grft_vision.selection.SelectionRecord`
-        as ``model.grft_selection``.
+        the config stored as ``model.grft_config``, a :class:`~grft_vision.selection.SelectionRecord` as
+        ``model.grft_selection`` and the units per layer as ``model.grft_budgets`` (with
+        ``schedule='incremental'`` every layer starts with none chosen and the schedule unmasks its budget).
 
     Raises:
         SelectionError: a score is missing or has the wrong shape, k exceeds a layer's dimension, or
@@ -98,24 +100,29 @@ def apply_grft(
         record = SelectionRecord(config.structure, config.k, config.num_subsets, result.subset_losses,
                                  result.chosen_subset, result.subset_size, result.seconds)
     targets = find_target_layers(model, config)
+    checked = {f"{name}.weight": _check_score(name, layer, scores) for name, layer in targets.items()}
+    structures = {name: config.layer_structure(layer) for name, layer in targets.items()}
+    units = allocate_units(targets, checked, structures, config)
     indices = {}
-    structures = {}
+    incremental = config.schedule == "incremental"  # starts from nothing; the schedule unmasks the budget
     for name, layer in targets.items():
-        score = _check_score(name, layer, scores)
+        if units[name] == 0:  # a global or entropy budget left this layer frozen
+            continue
         groups = getattr(layer, "groups", 1)
-        structures[name] = config.layer_structure(layer)
-        indices[name] = choose_indices(score, structures[name], config.k, groups=groups, layer_name=name,
-                                       clamp=config.clamp_k)
+        score = checked[f"{name}.weight"]
+        indices[name] = choose_indices(score, structures[name], 0 if incremental else units[name], groups=groups,
+                                       layer_name=name)
         record.layers.append(LayerSelection.build(name, structures[name], score, indices[name], groups))
-    wrap_with_indices(model, indices, structures, config)
+    wrap_with_indices(model, indices, {name: structures[name] for name in indices}, config)
     model.grft_selection = record
+    model.grft_budgets = {name: units[name] for name in indices}
     return model
 
 
 def _unwrap(model: nn.Module, merge: bool) -> nn.Module:
     for name, layer in list(grft_layers(model)):
-        _replace_module(model, name, layer.merge() if merge else layer.base_layer)
-    for attribute in ("grft_config", "grft_selection"):
+        _replace_module(model, name, layer.merge() if merge else layer.unload())
+    for attribute in ("grft_config", "grft_selection", "grft_budgets"):
         if hasattr(model, attribute):
             delattr(model, attribute)
     return model

@@ -4,7 +4,8 @@ The regularised set R is the last L blocks (stages, for hierarchical models) plu
 embedding) plus the head, or every trainable tensor when L is ``'all'`` (Tables 6/7, "Regular Layer
 Number"). Frozen tensors contribute nothing, so only trainable tensors are visited:
 
-- a GRFT update ``delta`` stores ``W - W_pre`` on its entries, so its term is ``||delta||^2``;
+- a GRFT update ``delta`` stores ``W - W_pre`` on its entries, so its term is ``||delta||^2`` (plus, after
+  dynamic re-selections, the residue of entries chosen earlier: see ``GRFTLayer.distance_terms``);
 - a fully trainable tensor (head, bias, LayerScale) is compared with a copy of its value taken when the
   regulariser is built (for the head: its initialisation, as in the paper).
 """
@@ -15,6 +16,7 @@ from torch import nn
 
 from .anatomy import grft_layers, head_module_names, model_groups, original_name
 from .config import GRFTConfig
+from .layers import GRFTLayer
 
 __all__ = ["L2ToPretrained", "regularized_names"]
 
@@ -42,13 +44,13 @@ class L2ToPretrained:
     def __init__(self, model: nn.Module, config: GRFTConfig) -> None:
         self.weight = float(config.reg_lambda)
         in_set = regularized_names(model, config.reg_blocks, head_module_names(model, config.head_modules))
-        self.deltas: list[torch.Tensor] = []
+        self.layers: list[GRFTLayer] = []  # read at call time: schedules may replace their deltas
         self.names: list[str] = []
         delta_ids = set()
         for name, layer in grft_layers(model):
             delta_ids.add(id(layer.delta))
             if layer.delta.requires_grad and (in_set is None or f"{name}.weight" in in_set):
-                self.deltas.append(layer.delta)
+                self.layers.append(layer)
                 self.names.append(f"{name}.delta")
         self.tensors: list[torch.Tensor] = []
         self.references: list[torch.Tensor] = []
@@ -63,14 +65,20 @@ class L2ToPretrained:
     @property
     def enabled(self) -> bool:
         """False when lambda is 0 or R holds no trainable tensor (the penalty is then skipped)."""
-        return self.weight > 0 and bool(self.deltas or self.tensors)
+        return self.weight > 0 and bool(self.layers or self.tensors)
+
+    @staticmethod
+    def _distance(layer: GRFTLayer) -> torch.Tensor:
+        """``||W - W_pre||^2`` of a wrapped weight: ``||delta||^2``, plus any residue of earlier entries."""
+        at_delta, rest = layer.distance_terms()
+        update = layer.delta.float() if at_delta is None else layer.delta.float() + at_delta
+        return update.pow(2).sum() + rest
 
     def __call__(self) -> torch.Tensor:
-        """``lambda * (sum ||delta||^2 + sum ||p - p_ref||^2)`` over R, differentiable, fp32."""
+        """``lambda * (sum ||W - W_pre||^2 + sum ||p - p_ref||^2)`` over R, differentiable, fp32."""
         if not self.enabled:
-            device = (self.deltas or self.tensors or [torch.zeros(())])[0].device
-            return torch.zeros((), device=device)
-        total = sum(delta.float().pow(2).sum() for delta in self.deltas)
+            return torch.zeros(())
+        total = sum(self._distance(layer) for layer in self.layers)
         total = total + sum((param.float() - ref.float()).pow(2).sum()
                             for param, ref in zip(self.tensors, self.references))
         return self.weight * total

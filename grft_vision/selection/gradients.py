@@ -1,11 +1,14 @@
-"""Where parameters are scored: the summed SupCon gradient of every targeted weight (GRFT Alg. 1, steps 1-3).
+"""Where parameters are scored: gradients of the selection loss on the lowest-loss subset (GRFT Alg. 1,
+steps 1-3), turned into a per-parameter score.
 
-``H = sum over the batches of the chosen subset of grad(mean SupCon loss of the batch)`` — one streaming
-pass, gradients accumulated in fp32, only the targeted weights requiring grad (so only they get a
-buffer). The returned score of every weight is ``H ** 2`` elementwise, computed in place in that buffer:
-its row sums are the paper's ``S_i`` (Eq. 4), its column sums the column scores, and its per-row top-k
-is GPS's top-k of ``|H|``. The model comes back exactly as it was (mode, ``requires_grad``, gradients,
-buffers such as BatchNorm running statistics, and the global RNG state).
+``H = sum over the batches of the chosen subset of grad(mean selection loss of the batch)`` — one
+streaming pass, gradients accumulated in fp32, only the targeted weights requiring grad (so only they get
+a buffer). GRFT's score (the default, ``score='grft'``) is ``H ** 2`` elementwise, computed in place in that
+buffer: its row sums are the paper's ``S_i`` (Eq. 4), its column sums the column scores, and its per-row
+top-k is GPS's top-k of ``|H|``. The other scores of :mod:`grft_vision.selection.salience` reuse the same
+pass (Fisher replaces it by per-sample gradients, GraSP adds a Hessian-vector pass; magnitude, SynFlow and
+random need no data). The model comes back exactly as it was (mode, ``requires_grad``, gradients, buffers
+such as BatchNorm running statistics, and the global RNG state).
 """
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..anatomy import find_target_layers
+from ..anatomy import find_target_layers, grft_layers, is_grft_model
 from ..config import GRFTConfig, resolve_config
 from .features import BatchFeatures, VisionFeatures
-from .losses import SupConSelectionLoss
+from .losses import CrossEntropySelectionLoss, SupConSelectionLoss, selection_loss
+from .salience import (DATA_FREE_SCORES, gradient_salience, magnitude_scores, random_scores,
+                       synflow_scores)
 from .subsets import mean_subset_loss, split_subsets, subset_loader
 from .topk import SelectionError
 
@@ -47,9 +52,16 @@ class SelectionResult:
     scores: dict[str, torch.Tensor]
     subset_losses: list[float]
     chosen_subset: int
-    subset_size: int
+    subset_size: int | None
     num_batches: int
     seconds: float
+
+
+def _reseed(seed: int) -> None:
+    """Seed the global RNGs that data augmentation and dropout draw from (torch, Python, NumPy)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 @contextmanager
@@ -62,9 +74,7 @@ def _selection_state(model: nn.Module, weights: list[nn.Parameter], mode: str, s
     python_state, numpy_state = random.getstate(), np.random.get_state()
     cuda_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
+        _reseed(seed)
         try:
             model.train(mode == "train")
             model.requires_grad_(False)
@@ -85,21 +95,28 @@ def _selection_state(model: nn.Module, weights: list[nn.Parameter], mode: str, s
 
 
 class _BatchLoss:
-    """``(model, batch, index) -> loss``: features under autocast, SupCon in fp32, finite-checked."""
+    """``(model, batch, index) -> loss``: features under autocast, the loss in fp32, finite-checked."""
 
-    def __init__(self, features: BatchFeatures, loss: SupConSelectionLoss, device: torch.device, amp: bool):
+    def __init__(self, features: BatchFeatures, loss: SupConSelectionLoss | CrossEntropySelectionLoss,
+                 device: torch.device, amp: bool):
         self.features, self.loss, self.device = features, loss, device
         self.amp = amp and device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
 
-    def __call__(self, model: nn.Module, batch: Any, index: int) -> torch.Tensor:
+    def _features(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            features, labels = self.features(model, batch, self.device)
-        value = self.loss(features, labels, index)
+            return self.features(model, batch, self.device)
+
+    def __call__(self, model: nn.Module, batch: Any, index: int) -> torch.Tensor:
+        value = self.loss(*self._features(model, batch), index)
         if not torch.isfinite(value):
             raise SelectionError(f"the selection loss is not finite at batch {index} ({float(value.detach())}); "
                                  "check the inputs and the model's features for NaN/inf.")
         return value
+
+    def per_sample(self, model: nn.Module, batch: Any, index: int) -> torch.Tensor:
+        """The loss of every sample (SupCon: of every anchor) of one batch, ``[N]``."""
+        return self.loss.per_sample(*self._features(model, batch), index)
 
 
 def _accumulate(model: nn.Module, batches: Iterable[Any], batch_loss: _BatchLoss, weights: dict[str, nn.Parameter],
@@ -125,40 +142,116 @@ def _accumulate(model: nn.Module, batches: Iterable[Any], batch_loss: _BatchLoss
     return sums, count
 
 
+def _fisher(model: nn.Module, batches: Iterable[Any], batch_loss: _BatchLoss, weights: dict[str, nn.Parameter],
+            progress: bool) -> dict[str, torch.Tensor]:
+    """``sum_n (dl_n / dtheta) ** 2`` over every sample (SupCon: every anchor) of the batches."""
+    sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    params = list(weights.values())
+    for index, batch in enumerate(tqdm(batches, desc="selection: per-sample gradients", leave=False,
+                                       disable=not progress)):
+        losses = batch_loss.per_sample(model, batch, index)
+        for position in range(len(losses)):
+            grads = torch.autograd.grad(losses[position], params, retain_graph=position + 1 < len(losses),
+                                        allow_unused=True)
+            for name, grad in zip(weights, grads):
+                if grad is not None:
+                    sums[name] += grad.float().pow(2)
+    return sums
+
+
+def _hessian_times(model: nn.Module, batches: Iterable[Any], batch_loss: _BatchLoss,
+                   weights: dict[str, nn.Parameter], vector: dict[str, torch.Tensor],
+                   progress: bool) -> dict[str, torch.Tensor]:
+    """``H v`` with H the Hessian of the summed selection loss over the batches (double backward)."""
+    sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    params = list(weights.values())
+    for index, batch in enumerate(tqdm(batches, desc="selection: Hessian-gradient", leave=False,
+                                       disable=not progress)):
+        grads = torch.autograd.grad(batch_loss(model, batch, index), params, create_graph=True, allow_unused=True)
+        inner = sum((grad.float() * vector[name]).sum() for name, grad in zip(weights, grads) if grad is not None)
+        for name, hv in zip(weights, torch.autograd.grad(inner, params, allow_unused=True)):
+            if hv is not None:
+                sums[name] += hv.float()
+    return sums
+
+
+def _scored_weights(model: nn.Module, config: GRFTConfig) -> tuple[dict[str, nn.Parameter], dict[str, torch.Tensor]]:
+    """The weights whose gradients are taken, and the values ``theta`` the scores use, by layer name.
+
+    Before wrapping: the targeted layers' weights (both). On a wrapped model (schedules re-score during
+    training): each wrapper's frozen base weight, whose gradient equals that of the effective weight, and the
+    effective weight ``W + scatter(delta)`` as ``theta``.
+    """
+    if is_grft_model(model):
+        layers = dict(grft_layers(model))
+        return ({name: layer.base_layer.weight for name, layer in layers.items()},
+                {name: layer.weight.detach() for name, layer in layers.items()})
+    weights = {name: layer.weight for name, layer in find_target_layers(model, config).items()}
+    return weights, {name: weight.detach() for name, weight in weights.items()}
+
+
+def _data_free_scores(model: nn.Module, weights: dict[str, nn.Parameter], thetas: dict[str, torch.Tensor],
+                      config: GRFTConfig, input_shape: tuple[int, ...] | None) -> dict[str, torch.Tensor]:
+    if config.score == "magnitude":
+        return magnitude_scores(thetas)
+    if config.score == "random":
+        return random_scores(weights, config.selection_seed)
+    if input_shape is None:
+        data_config = getattr(model, "pretrained_cfg", None) or {}
+        if "input_size" not in data_config:
+            raise SelectionError("score='synflow' needs the model's input shape: pass input_shape=(3, H, W).")
+        input_shape = tuple(data_config["input_size"])
+    return synflow_scores(model, weights, input_shape)
+
+
 def compute_scores(
     model: nn.Module,
-    dataloader: DataLoader | Iterable[Any],
+    dataloader: DataLoader | Iterable[Any] | None = None,
     config: GRFTConfig | Mapping[str, Any] | None = None,
     *,
     features: BatchFeatures | None = None,
     device: torch.device | str | None = None,
     amp: bool = True,
     progress: bool = True,
+    input_shape: tuple[int, ...] | None = None,
 ) -> SelectionResult:
-    """Score every targeted weight of ``model`` by its squared SupCon gradient on the lowest-loss subset.
+    """Score every targeted weight of ``model`` (GRFT: squared SupCon gradient on the lowest-loss subset).
 
     Args:
         model: the model before :func:`~grft_vision.apply_grft` (its targeted layers unwrapped).
         dataloader: a ``DataLoader`` yielding ``(images, labels)`` (images ``[B, C, H, W]`` or, with two views,
-            ``[B, 2, C, H, W]``); any iterable of batches when ``config.num_subsets == 1``.
-        config: GRFT config (targets, ``temperature``, ``selection_views``, ``num_subsets``,
-            ``selection_mode``, ``selection_batch_size``, ``selection_seed``).
-        features: maps a batch to ``(features, labels)``; default :class:`VisionFeatures` (timm pre-logits).
+            ``[B, 2, C, H, W]``); any iterable of batches when ``config.num_subsets == 1``. Not needed by the
+            data-free scores (magnitude, synflow, random).
+        config: GRFT config (targets, ``score``, ``selection_loss``, ``temperature``, ``selection_views``,
+            ``num_subsets``, ``selection_mode``, ``selection_batch_size``, ``selection_seed``, ``d3_eps``,
+            ``d3_exp``).
+        features: maps a batch to ``(features, labels)``; default :class:`VisionFeatures` (timm pre-logits for
+            SupCon, the logits for cross-entropy).
         device: where to run; default the device of the model's first parameter.
         amp: autocast on CUDA (bf16 where supported, else fp16); gradients still accumulate in fp32.
         progress: show tqdm progress bars.
+        input_shape: SynFlow's input shape without the batch dimension; default timm's ``input_size``.
 
     Raises:
-        SelectionError: missing labels, a batch where SupCon is undefined, a model without pre-logits,
-            a non-finite loss, or an invalid subset count.
+        SelectionError: missing labels or data, a batch where SupCon is undefined, a model without
+            pre-logits, a non-finite loss, or an invalid subset count.
     """
     start = time.perf_counter()
     config = resolve_config(config)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    weights = {name: layer.weight for name, layer in find_target_layers(model, config).items()}
-    batch_loss = _BatchLoss(features or VisionFeatures(config.selection_views),
-                            SupConSelectionLoss(config.temperature), device, amp)
+    weights, thetas = _scored_weights(model, config)
     seed = config.selection_seed
+    if config.score in DATA_FREE_SCORES:
+        with _selection_state(model, list(weights.values()), "eval", seed, device):
+            scores = _data_free_scores(model, weights, thetas, config, input_shape)
+        return SelectionResult({f"{name}.weight": score for name, score in scores.items()}, [], 0, None, 0,
+                               time.perf_counter() - start)
+    if dataloader is None:
+        raise SelectionError(f"score={config.score!r} needs training data: pass dataloader=.")
+    if features is None:
+        logits = (lambda net, images: net(images)) if config.selection_loss == "cross_entropy" else None
+        features = VisionFeatures(config.selection_views, feature_fn=logits)
+    batch_loss = _BatchLoss(features, selection_loss(config.selection_loss, config.temperature), device, amp)
     if config.num_subsets > 1 and not isinstance(dataloader, DataLoader):
         raise SelectionError("num_subsets > 1 needs a torch DataLoader (its dataset is split into subsets).")
     with _selection_state(model, list(weights.values()), config.selection_mode, seed, device):
@@ -168,9 +261,25 @@ def compute_scores(
                        for i, subset in enumerate(subsets)]
         else:
             subsets, loaders = [torch.arange(0)], [dataloader]
-        losses = [mean_subset_loss(model, loader, batch_loss, f"selection: subset {i + 1}/{len(loaders)} loss",
-                                   progress) for i, loader in enumerate(loaders)] if len(loaders) > 1 else []
+        losses = []
+        for i, loader in enumerate(loaders if len(loaders) > 1 else []):
+            _reseed(seed + i)  # every pass over subset i sees the same augmented views
+            losses.append(mean_subset_loss(model, loader, batch_loss, f"selection: subset {i + 1}/{len(loaders)} loss",
+                                           progress))
         chosen = int(np.argmin(losses)) if losses else 0
-        sums, count = _accumulate(model, loaders[chosen], batch_loss, weights, progress)
-    scores = {f"{name}.weight": grad.pow_(2) for name, grad in sums.items()}
-    return SelectionResult(scores, losses, chosen, len(subsets[chosen]), count, time.perf_counter() - start)
+        batches = loaders[chosen]
+        _reseed(seed + chosen)
+        if config.score == "fisher":
+            scores, count = _fisher(model, batches, batch_loss, weights, progress), len(batches)
+        else:
+            sums, count = _accumulate(model, batches, batch_loss, weights, progress)
+            if config.score == "grasp":
+                _reseed(seed + chosen)
+                product = _hessian_times(model, batches, batch_loss, weights, sums, progress)
+                scores = {name: -product[name] * thetas[name].float() for name in weights}
+            else:
+                scores = {name: gradient_salience(config.score, sums[name], thetas[name], d3_eps=config.d3_eps,
+                                                  d3_exp=config.d3_exp) for name in weights}
+    scores = {f"{name}.weight": score for name, score in scores.items()}
+    subset_size = len(subsets[chosen]) if isinstance(dataloader, DataLoader) else None
+    return SelectionResult(scores, losses, chosen, subset_size, count, time.perf_counter() - start)

@@ -1,18 +1,22 @@
-"""The loss whose gradients rank parameters: supervised contrastive (SupCon) on pre-logits features.
+"""The loss whose gradients rank parameters.
 
-SupCon comes from pytorch-metric-learning (``losses.SupConLoss``: cosine similarity, i.e. L2-normalised
-features, mean over anchors). It is undefined for a batch without a positive pair (two samples of one
-class) or without a negative pair (two classes); pytorch-metric-learning then silently returns zero, so
-such batches are refused here with an explanation instead.
+GRFT's default is supervised contrastive (SupCon) on pre-logits features, from pytorch-metric-learning
+(``losses.SupConLoss``: cosine similarity, i.e. L2-normalised features, mean over anchors). It is undefined
+for a batch without a positive pair (two samples of one class) or without a negative pair (two classes);
+pytorch-metric-learning then silently returns zero, so such batches are refused here with an explanation
+instead. The task loss (cross-entropy on the logits, head included) is the alternative.
 """
 from __future__ import annotations
 
 import torch
-from pytorch_metric_learning import losses
+import torch.nn.functional as F
+from pytorch_metric_learning import losses, reducers
 
 from .topk import SelectionError
 
-__all__ = ["SupConSelectionLoss"]
+__all__ = ["SupConSelectionLoss", "CrossEntropySelectionLoss", "SELECTION_LOSSES", "selection_loss"]
+
+SELECTION_LOSSES = ("supcon", "cross_entropy")
 
 
 class SupConSelectionLoss:
@@ -24,6 +28,7 @@ class SupConSelectionLoss:
 
     def __init__(self, temperature: float = 0.07) -> None:
         self.loss = losses.SupConLoss(temperature=temperature)
+        self.per_anchor = losses.SupConLoss(temperature=temperature, reducer=reducers.DoNothingReducer())
 
     @staticmethod
     def check_batch(labels: torch.Tensor, batch_index: int) -> None:
@@ -42,3 +47,25 @@ class SupConSelectionLoss:
     def __call__(self, features: torch.Tensor, labels: torch.Tensor, batch_index: int = 0) -> torch.Tensor:
         self.check_batch(labels, batch_index)
         return self.loss(features.float(), labels)
+
+    def per_sample(self, features: torch.Tensor, labels: torch.Tensor, batch_index: int = 0) -> torch.Tensor:
+        """The loss of every anchor ``[N]`` (their mean over non-zero entries is :meth:`__call__`)."""
+        self.check_batch(labels, batch_index)
+        return self.per_anchor(features.float(), labels)["loss"]["losses"]
+
+
+class CrossEntropySelectionLoss:
+    """``(logits [N, classes], labels [N]) -> scalar``: the task loss through the classification head."""
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, batch_index: int = 0) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels)
+
+    def per_sample(self, logits: torch.Tensor, labels: torch.Tensor, batch_index: int = 0) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def selection_loss(name: str, temperature: float) -> SupConSelectionLoss | CrossEntropySelectionLoss:
+    """The selection loss by name: 'supcon' (pre-logits features) or 'cross_entropy' (logits)."""
+    if name == "supcon":
+        return SupConSelectionLoss(temperature)
+    return CrossEntropySelectionLoss()

@@ -55,6 +55,8 @@ class LayerSelection:
     def build(cls, name: str, structure: str, score: torch.Tensor, indices: torch.Tensor,
               groups: int = 1) -> "LayerSelection":
         values = candidate_scores(score, structure, groups)
+        if indices.numel() == 0:  # nothing chosen yet (incremental schedules start empty)
+            return cls(name, structure, list(score.shape), [], 0.0, 0.0, float(values.mean()))
         chosen = torch.zeros_like(values, dtype=torch.bool)
         if structure == "sparse":
             chosen.scatter_(1, indices.cpu().to(values.device), True)
@@ -90,7 +92,8 @@ class SelectionRecord:
                  "| layer | chosen | share of score | chosen mean / rest mean |", "|---|---|---|---|"]
         for layer in self.layers:
             ratio = layer.chosen_mean / layer.rest_mean if layer.rest_mean > 0 else float("inf")
-            shown = layer.indices if layer.structure != "sparse" else f"{len(layer.indices)} rows x {len(layer.indices[0])}"
+            shown = layer.indices if layer.structure != "sparse" or not layer.indices else \
+                f"{len(layer.indices)} rows x {len(layer.indices[0])}"
             lines.append(f"| {layer.name} | {shown} | {layer.chosen_share:.3f} | {ratio:.2f} |")
         return "\n".join(lines)
 
