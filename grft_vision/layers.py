@@ -120,7 +120,7 @@ class GRFTLayer(nn.Module):
                                      .view(self.delta.shape)) - 1
         old_values = self.delta.detach().flatten()
         if not keep:
-            self._fold_into_residue()
+            self.add_residue(self._flat_positions().flatten(), old_values)
         self.set_indices(indices)
         mapping = self.extract(old_positions).flatten()
         if keep:
@@ -129,20 +129,12 @@ class GRFTLayer(nn.Module):
                 self.delta.view(-1)[kept] = old_values[mapping[kept]]
         return mapping
 
-    def _fold_into_residue(self) -> None:
-        flat = self._flat_positions().flatten()
-        values = self.delta.detach().flatten().float()
-        with torch.no_grad():
-            self.base_layer.weight.view(-1).index_add_(0, flat, values.to(self.base_layer.weight.dtype))
-        self.add_residue(flat, values, fold=False)
-
-    def add_residue(self, flat: torch.Tensor, values: torch.Tensor, *, fold: bool = True) -> None:
-        """Record (and, with ``fold``, add to the weight) a sparse change of the base weight."""
+    def add_residue(self, flat: torch.Tensor, values: torch.Tensor) -> None:
+        """Add a sparse change (flat weight positions, values) to the base weight and record it as residue."""
         weight = self.base_layer.weight
         flat, values = flat.to(weight.device), values.to(weight.device, torch.float32)
-        if fold:
-            with torch.no_grad():
-                weight.view(-1).index_add_(0, flat, values.to(weight.dtype))
+        with torch.no_grad():
+            weight.view(-1).index_add_(0, flat, values.to(weight.dtype))
         index, inverse = torch.unique(torch.cat([self.residue_index, flat]), return_inverse=True)
         summed = torch.zeros(len(index), device=weight.device).index_add_(0, inverse,
                                                                           torch.cat([self.residue_value, values]))
