@@ -56,10 +56,13 @@ class GRFTLayer(nn.Module):
         device = base_layer.weight.device
         base_layer.weight.requires_grad_(False)
         self.register_buffer("indices", torch.empty(0, dtype=torch.long, device=device))
-        # updates of entries no longer chosen (dynamic schedules): folded into the base weight, recorded as
-        # flat weight positions and values so that W_pre, adapters and the regulariser stay exact
+        # updates of entries no longer chosen (dynamic schedules): folded into the base weight, recorded as flat
+        # weight positions, values and the pre-trained values there, so that W_pre, adapters, unloading and the
+        # regulariser stay exact
         self.register_buffer("residue_index", torch.empty(0, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("residue_value", torch.empty(0, dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("residue_base", torch.empty(0, dtype=base_layer.weight.dtype, device=device),
+                             persistent=False)
         self.delta = nn.Parameter(torch.empty(0))
         self.set_indices(indices)
 
@@ -130,15 +133,22 @@ class GRFTLayer(nn.Module):
         return mapping
 
     def add_residue(self, flat: torch.Tensor, values: torch.Tensor) -> None:
-        """Add a sparse change (flat weight positions, values) to the base weight and record it as residue."""
-        weight = self.base_layer.weight
+        """Add a sparse change (flat weight positions, values) to the recorded residue and to the base weight.
+
+        The weight at a residue position is always ``pre-trained value + total residue`` computed afresh, so
+        the result does not depend on how the residue was accumulated (a resumed run matches bit for bit).
+        """
+        weight = self.base_layer.weight.data.view(-1)
         flat, values = flat.to(weight.device), values.to(weight.device, torch.float32)
-        with torch.no_grad():
-            weight.view(-1).index_add_(0, flat, values.to(weight.dtype))
+        known = len(self.residue_index)
         index, inverse = torch.unique(torch.cat([self.residue_index, flat]), return_inverse=True)
         summed = torch.zeros(len(index), device=weight.device).index_add_(0, inverse,
                                                                           torch.cat([self.residue_value, values]))
-        self.residue_index, self.residue_value = index, summed
+        base = torch.empty(len(index), dtype=weight.dtype, device=weight.device)
+        base[inverse[known:]] = weight[flat]  # pre-trained where new ...
+        base[inverse[:known]] = self.residue_base  # ... and as recorded where already changed
+        weight[index] = (base.float() + summed).to(weight.dtype)
+        self.residue_index, self.residue_value, self.residue_base = index, summed, base
         self._distance_cache = None
 
     def distance_terms(self) -> tuple[torch.Tensor | None, float]:
@@ -160,12 +170,13 @@ class GRFTLayer(nn.Module):
         return self._distance_cache
 
     def pristine_weight(self) -> torch.Tensor:
-        """The base weight without the residue: the pre-trained weight."""
+        """The base weight without the residue: exactly the pre-trained weight."""
         weight = self.base_layer.weight.detach()
         if self.residue_index.numel() == 0:
             return weight
-        return weight.clone().view(-1).index_add_(0, self.residue_index, -self.residue_value.to(weight.dtype)) \
-            .view(weight.shape)
+        pristine = weight.clone()
+        pristine.view(-1)[self.residue_index] = self.residue_base
+        return pristine
 
     @property
     def weight(self) -> torch.Tensor:
@@ -192,6 +203,7 @@ class GRFTLayer(nn.Module):
             with torch.no_grad():
                 self.base_layer.weight.copy_(self.pristine_weight())
             self.residue_index, self.residue_value = self.residue_index[:0], self.residue_value[:0]
+            self.residue_base = self.residue_base[:0]
             self._distance_cache = None
         return self.base_layer
 

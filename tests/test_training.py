@@ -228,3 +228,33 @@ def test_missing_checkpoint_file_exit_2(tmp_path, capsys):
     assert train("vtab", "--dataset", "synthetic", "--model", "vit_tiny_patch16_224",
                  "--checkpoint", str(tmp_path / "missing.pth"), "--run-dir", str(tmp_path / "r")) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule", ["dynamic", "incremental"])
+def test_mask_schedules_run_end_to_end_and_resume(schedule, tmp_path, monkeypatch):
+    args = ["--dataset", "synthetic", *TINY, "--epochs", "2", "--set", "synthetic_samples=32", "--set",
+            f"schedule={schedule}", "--set", "schedule_interval=3", "--set", "schedule_batches=1", "--rows", "2"]
+    assert train("vtab", *args, "--run-dir", str(tmp_path / "straight")) == 0
+    accumulator = EventAccumulator(str(tmp_path / "straight" / "tb"))
+    accumulator.Reload()
+    events = accumulator.Scalars("schedule/chosen_entries")
+    assert len(events) >= 2
+    if schedule == "incremental":  # unmasked step by step up to the budget of 2 rows per layer
+        assert [event.value for event in events] == sorted(event.value for event in events)
+    original = runner.train_one_epoch
+
+    def crash_at_last_epoch(*positional, **named):
+        if named["epoch"] == 2:
+            raise SimulatedCrash
+        return original(*positional, **named)
+
+    monkeypatch.setattr(runner, "train_one_epoch", crash_at_last_epoch)
+    with pytest.raises(SimulatedCrash):
+        train("vtab", *args, "--run-dir", str(tmp_path / "resumed"))
+    monkeypatch.setattr(runner, "train_one_epoch", original)
+    assert train("vtab", *args, "--run-dir", str(tmp_path / "resumed"), "--resume") == 0
+    straight = load_file(tmp_path / "straight" / "adapter.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key

@@ -60,7 +60,8 @@ def atomic_torch_save(payload: Any, path: str | os.PathLike) -> Path:
 
 def save_checkpoint(path: str | os.PathLike, *, epoch: int, adapter: tuple[dict, dict] | None,
                     trainable: dict[str, torch.Tensor] | None, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, history: list[dict], scaler: Any = None) -> Path:
+                    scheduler: Any, history: list[dict], scaler: Any = None,
+                    mask_schedule: dict | None = None) -> Path:
     """Write a checkpoint after ``epoch`` (0-based, completed).
 
     Args:
@@ -70,6 +71,7 @@ def save_checkpoint(path: str | os.PathLike, *, epoch: int, adapter: tuple[dict,
         trainable: the trainable tensors by name (full and head-only runs, which have no adapter).
         optimizer, scheduler, scaler: objects with ``state_dict()``.
         history: evaluation records so far.
+        mask_schedule: the state of a dynamic or incremental mask schedule.
     """
     payload = {
         "epoch": epoch,
@@ -79,6 +81,7 @@ def save_checkpoint(path: str | os.PathLike, *, epoch: int, adapter: tuple[dict,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "history": history,
+        "mask_schedule": mask_schedule,
         "rng": rng_state(),
     }
     return atomic_torch_save(payload, path)

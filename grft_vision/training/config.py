@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import yaml
 
@@ -68,6 +68,9 @@ class TrainConfig:
     eval_every: int = field(default=10, metadata={"help": "Evaluate every N epochs (and at the end)."})
     quiet: bool = field(default=False, metadata={"help": "No progress bars (for logs)."})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; None: CUDA when available."})
+    # --- schedule granularity: fixed for the vision scripts, settings of subclasses (language models) ---------
+    sched_on_updates: ClassVar[bool] = False  # step the schedule after every optimizer update, not every epoch
+    warmup_ratio: ClassVar[float] = 0.0  # linear warm-up over this share of the updates of ``epochs``
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -88,21 +91,25 @@ def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def load_layers(paths: Iterable[str | Path]) -> dict[str, Any]:
-    """Merge YAML mappings in order (later files override earlier ones), checking every key."""
+def load_layers(paths: Iterable[str | Path], config_cls: type[TrainConfig] = TrainConfig) -> dict[str, Any]:
+    """Merge YAML mappings in order (later files override earlier ones), checking every key.
+
+    ``config_cls`` is the run-settings class whose keys are valid besides :class:`GRFTConfig`'s
+    (:class:`TrainConfig` or a subclass with more fields, e.g. the language-model scripts').
+    """
     merged: dict[str, Any] = {}
     for path in paths:
         with open(path, encoding="utf-8") as handle:
             values = yaml.safe_load(handle) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of settings, got {type(values).__name__}.")
-        _check_keys(values, str(path))
+        _check_keys(values, str(path), config_cls)
         merged.update(values)
     return merged
 
 
-def _check_keys(values: Mapping[str, Any], where: str) -> None:
-    known = _field_names(TrainConfig) | _field_names(GRFTConfig)
+def _check_keys(values: Mapping[str, Any], where: str, config_cls: type[TrainConfig] = TrainConfig) -> None:
+    known = _field_names(config_cls) | _field_names(GRFTConfig)
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
@@ -110,11 +117,12 @@ def _check_keys(values: Mapping[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: unknown setting {key!r}.{hint}")
 
 
-def split_settings(values: Mapping[str, Any], where: str = "settings") -> tuple[TrainConfig, GRFTConfig]:
-    """Build ``(TrainConfig, GRFTConfig)`` from one flat mapping of keys."""
-    _check_keys(values, where)
-    train_keys = _field_names(TrainConfig)
-    train = TrainConfig(**coerce_numbers(TrainConfig, {k: v for k, v in values.items() if k in train_keys}))
+def split_settings(values: Mapping[str, Any], where: str = "settings",
+                   config_cls: type[TrainConfig] = TrainConfig) -> tuple[TrainConfig, GRFTConfig]:
+    """Build ``(config_cls, GRFTConfig)`` from one flat mapping of keys (``config_cls``: see :func:`load_layers`)."""
+    _check_keys(values, where, config_cls)
+    train_keys = _field_names(config_cls)
+    train = config_cls(**coerce_numbers(config_cls, {k: v for k, v in values.items() if k in train_keys}))
     grft = GRFTConfig.from_dict({k: v for k, v in values.items() if k not in train_keys})
     return train, grft
 

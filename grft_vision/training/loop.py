@@ -80,10 +80,15 @@ def train_one_epoch(
     mixup: Callable | None = None,
     clip_grad: float | None = None,
     progress: bool = True,
+    scheduler: Any = None,
+    before_step: Callable[[int], Any] | None = None,
 ) -> tuple[dict[str, float], int]:
     """Optimise over one pass of ``loader``; returns the epoch's mean losses and the new global step.
 
-    The loss is ``task loss + regulariser`` (the paper's L_R); both parts are logged per step.
+    The loss is ``task loss + regulariser`` (the paper's L_R); both parts are logged per step. A timm
+    ``scheduler`` given here is stepped after every update (``step_update(global step)``) and the learning
+    rate logged per step; epoch-based schedules are stepped by the caller instead. ``before_step(global step)``
+    runs before every update (the mask schedules of :mod:`grft_vision.selection.schedules`).
 
     Raises:
         TrainingError: the loss is not finite.
@@ -93,6 +98,8 @@ def train_one_epoch(
     steps = 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
     for batch in bar:
+        if before_step is not None:
+            before_step(global_step)
         inputs, targets = batches.split(batch, context.device)
         if mixup is not None:
             inputs, targets = mixup(inputs, targets)
@@ -125,6 +132,9 @@ def train_one_epoch(
         steps += 1
         global_step += 1
         monitor.scalars({f"train/{key}": value for key, value in values.items()}, global_step)
+        if scheduler is not None:
+            monitor.scalars({"train/lr": optimizer.param_groups[0]["lr"]}, global_step)
+            scheduler.step_update(num_updates=global_step)
         bar.set_postfix(loss=f"{values['loss']:.4f}")
     return {key: value / max(steps, 1) for key, value in totals.items()}, global_step
 

@@ -2,8 +2,10 @@
 
 Tags written by the training engine:
 
-- ``train/loss``, ``train/task_loss``, ``train/reg_loss`` (per step), ``train/lr`` (per epoch);
-- ``test/top1`` (every evaluation);
+- ``train/loss``, ``train/task_loss``, ``train/reg_loss`` (per step), ``train/lr`` (per epoch, or per step
+  with per-update schedules);
+- ``<eval split>/<metric>``, e.g. ``test/top1`` (every evaluation);
+- ``schedule/chosen_entries`` (dynamic and incremental mask schedules, at every event);
 - ``params/trainable``, ``params/trainable_percent``;
 - ``selection/summary`` (markdown text) and ``selection/<layer>`` (histogram of chosen indices);
 - hparams (the resolved settings) with the final metrics.
@@ -44,7 +46,8 @@ class Monitor:
             return
         self.writer.add_text("selection/summary", record.summary(), 0)
         for layer in record.layers:
-            self.writer.add_histogram(f"selection/{layer.name}", torch.tensor(layer.indices).flatten(), 0)
+            if layer.indices:  # incremental schedules start with nothing chosen
+                self.writer.add_histogram(f"selection/{layer.name}", torch.tensor(layer.indices).flatten(), 0)
 
     def hparams(self, settings: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """Log the run's settings with its final metrics (scalar-valued settings only, as TensorBoard needs)."""

@@ -30,6 +30,7 @@ from ..config import ConfigError, GRFTConfig
 from ..model import apply_grft, wrap_with_indices
 from ..regularization import L2ToPretrained
 from ..selection.record import write_json_atomic
+from ..selection.schedules import MaskSchedule, create_schedule
 from ..trainable import trainable_parameters_report
 from .checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig, resolved_settings
@@ -38,7 +39,7 @@ from .loop import Precision, evaluate, train_one_epoch
 from .monitor import Monitor
 from .task import Task, VisionTask
 
-__all__ = ["run", "seed_everything"]
+__all__ = ["run", "seed_everything", "create_scheduler"]
 
 # settings that may differ between a run and its resumption
 _RESUME_FREE = {"run_dir", "logdir", "quiet", "workers", "device", "eval_every"}
@@ -164,7 +165,7 @@ def _run(train: TrainConfig, grft: GRFTConfig, resume: bool, context: Distribute
     report = trainable_parameters_report(model)
     monitor.scalars({"params/trainable": report.trainable, "params/trainable_percent": report.percent}, 0)
 
-    loop = _Loop(train, task, context, monitor, run_dir, model, regularizer, train_set, eval_set, num_classes)
+    loop = _Loop(train, grft, task, context, monitor, run_dir, model, regularizer, train_set, eval_set, num_classes)
     history = loop.fit(checkpoint)
     main = task.main_metric
     metrics = {
@@ -216,32 +217,76 @@ def _load_trained_values(model: nn.Module, train: TrainConfig, checkpoint: dict,
             model.get_parameter(name).copy_(value)
 
 
+def create_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, updates_per_epoch: int) -> tuple[Any, int]:
+    """The run's timm learning-rate schedule and its total number of epochs.
+
+    Per epoch (the vision scripts): ``warmup_epochs`` linear warm-up epochs from ``warmup_lr``, added before
+    ``epochs`` epochs of ``sched`` decaying to ``min_lr``. With ``train.sched_on_updates`` the same schedule
+    is counted in optimizer updates (stepped by ``scheduler.step_update``), and a warm-up of
+    ``warmup_ratio`` of the updates of ``epochs`` may replace the prefix (the language-model convention).
+    ``sched='linear'`` is a linear decay (timm's 'poly' with power 1); every other name is timm's.
+    """
+    sched, options = ("poly", {"decay_rate": 1.0}) if train.sched == "linear" else (train.sched, {})
+    options.update(sched=sched, warmup_lr=train.warmup_lr, min_lr=train.min_lr)
+    if not train.sched_on_updates:
+        return create_scheduler_v2(optimizer, num_epochs=train.epochs, warmup_epochs=train.warmup_epochs,
+                                   warmup_prefix=True, **options)
+    updates = train.epochs * updates_per_epoch
+    prefix = train.warmup_epochs * updates_per_epoch
+    warmup = prefix or min(round(train.warmup_ratio * updates), updates - 1)
+    # the decay starts at the peak after the warm-up: a prefix before `updates`, or a ratio taken from them
+    scheduler, _ = create_scheduler_v2(optimizer, num_epochs=updates if prefix else updates - warmup,
+                                       warmup_epochs=warmup, warmup_prefix=True, step_on_epochs=False,
+                                       updates_per_epoch=1, **options)
+    return scheduler, train.total_epochs
+
+
 class _Loop:
     """Optimizer, schedule, loaders and the epoch loop of one run, with checkpointing after every epoch."""
 
-    def __init__(self, train: TrainConfig, task: Task, context: DistributedContext, monitor: Monitor,
-                 run_dir: Path, model: nn.Module, regularizer: L2ToPretrained, train_set: Dataset,
+    def __init__(self, train: TrainConfig, grft: GRFTConfig, task: Task, context: DistributedContext,
+                 monitor: Monitor, run_dir: Path, model: nn.Module, regularizer: L2ToPretrained, train_set: Dataset,
                  eval_set: Dataset, num_classes: int) -> None:
         self.train, self.task, self.context, self.monitor, self.run_dir = train, task, context, monitor, run_dir
         self.model, self.regularizer = model, regularizer
         self.network = DistributedDataParallel(model) if context.distributed else model
         trainable = [param for param in model.parameters() if param.requires_grad]
         self.optimizer = create_optimizer_v2(trainable, opt=train.opt, lr=train.lr, weight_decay=train.weight_decay)
-        self.scheduler, self.total_epochs = create_scheduler_v2(
-            self.optimizer, sched=train.sched, num_epochs=train.epochs, warmup_epochs=train.warmup_epochs,
-            warmup_lr=train.warmup_lr, min_lr=train.min_lr, warmup_prefix=True)
         self.precision = Precision(context.device, train.amp)
         self.train_loader = _train_loader(train, train_set, context, task)
+        self.scheduler, self.total_epochs = create_scheduler(self.optimizer, train, len(self.train_loader))
         self.eval_loader = _eval_loader(train, eval_set, context, task)
         self.loss_fn, self.mixup = task.loss_and_mixup(train, num_classes)
         self.progress = not train.quiet and context.is_main
         self.seconds = 0.0
+        self.mask_schedule = self._mask_schedule(grft, train_set) if train.method == "grft" else None
+
+    def _mask_schedule(self, grft: GRFTConfig, train_set: Dataset) -> MaskSchedule | None:
+        """The dynamic or incremental schedule of the chosen entries (None when they are static)."""
+        if grft.schedule == "static":
+            return None
+        if self.context.distributed:
+            raise ConfigError(f"schedule={grft.schedule!r} replaces the trainable tensors during training, which "
+                              "DistributedDataParallel does not allow; run it in a single process.")
+        return create_schedule(self.model, grft, self.task.selection_loader(self.train, grft, train_set),
+                               total_steps=self.total_epochs * len(self.train_loader),
+                               budgets=getattr(self.model, "grft_budgets", None),
+                               features=self.task.selection_features(grft), device=self.context.device,
+                               amp=self.train.amp)
+
+    def _before_step(self, step: int) -> None:
+        if self.mask_schedule.before_step(step, self.optimizer):
+            trainable = sum(layer.delta.numel() for _, layer in grft_layers(self.model))
+            self.monitor.scalars({"schedule/chosen_entries": trainable}, step)
 
     def _restore(self, checkpoint: dict) -> tuple[int, list[dict[str, Any]]]:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.precision.scaler is not None and checkpoint["scaler"] is not None:
             self.precision.scaler.load_state_dict(checkpoint["scaler"])
+        if self.mask_schedule is not None:
+            self.mask_schedule.load_state_dict(checkpoint["mask_schedule"])
         restore_rng_state(checkpoint["rng"])
         return checkpoint["epoch"] + 1, checkpoint["history"]
 
@@ -253,13 +298,17 @@ class _Loop:
         for epoch in range(first_epoch, self.total_epochs):
             self.train_loader.sampler.set_epoch(epoch)
             self.train_loader.generator.manual_seed(self.train.seed + epoch)  # worker seeds, resume-proof
-            self.monitor.scalars({"train/lr": self.optimizer.param_groups[0]["lr"]}, epoch)
+            if not self.train.sched_on_updates:  # per-update schedules log their rate every step
+                self.monitor.scalars({"train/lr": self.optimizer.param_groups[0]["lr"]}, epoch)
             losses, global_step = train_one_epoch(
                 self.network, self.train_loader, self.optimizer, self.loss_fn, batches=self.task.batches,
                 regularizer=self.regularizer, precision=self.precision, context=self.context,
                 monitor=self.monitor, epoch=epoch, global_step=global_step, mixup=self.mixup,
-                clip_grad=self.train.clip_grad, progress=self.progress)
-            self.scheduler.step(epoch + 1)
+                clip_grad=self.train.clip_grad, progress=self.progress,
+                scheduler=self.scheduler if self.train.sched_on_updates else None,
+                before_step=self._before_step if self.mask_schedule is not None else None)
+            if self.scheduler is not None:  # sched='none' keeps the learning rate constant
+                self.scheduler.step(epoch + 1)
             if (epoch + 1) % self.train.eval_every == 0 or epoch + 1 == self.total_epochs:
                 history.append({"epoch": epoch + 1, **self.evaluate(epoch + 1), **losses})
             self._checkpoint(epoch, history)
@@ -270,7 +319,7 @@ class _Loop:
         predictions, targets = evaluate(self.network, self.eval_loader, batches=self.task.batches,
                                         precision=self.precision, context=self.context, progress=self.progress)
         scores = self.task.metrics(predictions, targets)
-        self.monitor.scalars({f"test/{name}": value for name, value in scores.items()}, step)
+        self.monitor.scalars({f"{self.train.eval_split}/{name}": value for name, value in scores.items()}, step)
         return scores
 
     def _checkpoint(self, epoch: int, history: list[dict[str, Any]]) -> None:
@@ -280,5 +329,6 @@ class _Loop:
                             adapter=adapter_state(self.model) if grft else None,
                             trainable=None if grft else _trainable_tensors(self.model),
                             optimizer=self.optimizer, scheduler=self.scheduler, history=history,
-                            scaler=self.precision.scaler)
+                            scaler=self.precision.scaler,
+                            mask_schedule=self.mask_schedule.state_dict() if self.mask_schedule else None)
         self.context.barrier()

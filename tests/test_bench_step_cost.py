@@ -1,0 +1,175 @@
+"""benchmarks/step_cost.py on a tiny ViT: the figures are right (never their speed)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
+
+
+def _load():
+    name = "grft_bench_step_cost"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _PATH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+step_cost = _load()
+TINY = dict(num_classes=5, img_size=32, batch_size=2, repeats=2, warmup=1, model_kwargs={"depth": 2})
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return {row["method"]: row for row in step_cost.measure("vit_tiny_patch16_224", **TINY)}
+
+
+@pytest.fixture(scope="module")
+def checks(rows):
+    return {check["target"]: check for check in step_cost.check_targets(list(rows.values()))}
+
+
+def test_every_method_is_measured(rows):
+    assert list(rows) == list(step_cost.METHODS)
+    for row in rows.values():
+        assert len(row["step_times_s"]) == TINY["repeats"] and row["step_time_s"] > 0
+        assert row["flops"] == row["forward_flops"] + row["backward_flops"] > 0
+        assert row["peak_memory_bytes"] is None  # CPU run
+
+
+def test_trainable_counts(rows):
+    total = rows["full"]["total_params"]
+    assert rows["full"]["trainable_params"] == total
+    assert rows["floor"]["trainable_params"] == 0
+    head = 192 * 5 + 5
+    assert rows["head"]["trainable_params"] == head
+    # vit_tiny, depth 2: per block one row of qkv/proj/fc1/fc2 (192 + 192 + 192 + 768) + their biases
+    # (576 + 192 + 768 + 192); patch embedding: one 3*16*16 row + its 192 bias; the head.
+    rows_k1 = 2 * ((192 + 192 + 192 + 768) + (576 + 192 + 768 + 192)) + (3 * 16 * 16 + 192) + head
+    assert rows["grft-row"]["trainable_params"] == rows_k1
+    # columns: one column per linear weight = its output dimension; the patch-embedding conv's column is one
+    # input channel: 192 x 16 x 16 taps
+    biases = 2 * (576 + 192 + 768 + 192) + 192
+    cols_k1 = 2 * (576 + 192 + 768 + 192) + 192 * 16 * 16 + biases + head
+    assert rows["grft-col"]["trainable_params"] == cols_k1
+    # sparse k=1: one entry per row (output channel) of every weight
+    sparse_k1 = 2 * (576 + 192 + 768 + 192) + 192 + biases + head
+    assert rows["grft-sparse"]["trainable_params"] == sparse_k1
+    # gps-dense updates exactly the entries grft-sparse trains, but every tensor requires grad
+    assert rows["gps-dense"]["trainable_params"] == rows["grft-sparse"]["trainable_params"]
+    assert rows["gps-dense"]["requires_grad_params"] == total
+    # LoRA r=8 on qkv/proj/fc1/fc2 of 2 blocks (A: r x in, B: out x r) + the head copy
+    lora = 2 * 8 * ((192 + 576) + (192 + 192) + (192 + 768) + (768 + 192)) + head
+    assert rows["lora"]["trainable_params"] == lora
+
+
+@pytest.mark.parametrize("method", ["grft-row", "grft-col", "grft-sparse", "lora", "head"])
+def test_small_methods_carry_no_dense_buffer(rows, method):
+    row = rows[method]
+    trainable = row["trainable_params"]
+    assert row["grad_bytes"] == 4 * trainable
+    moments = row["optimizer_state_bytes"] - row["optimizer_step_scalar_bytes"]
+    assert moments == 2 * 4 * trainable
+    assert row["grad_bytes"] + moments == step_cost.ADAM_BYTES_PER_PARAM * trainable
+
+
+@pytest.mark.parametrize("method", ["full", "gps-dense"])
+def test_dense_methods_carry_three_model_copies(rows, method):
+    row = rows[method]
+    moments = row["optimizer_state_bytes"] - row["optimizer_step_scalar_bytes"]
+    assert row["grad_bytes"] + moments == 3 * 4 * row["total_params"]
+
+
+def test_flops_order(rows):
+    floor, full = rows["floor"]["flops"], rows["full"]["flops"]
+    assert rows["head"]["flops"] < floor < full
+    assert rows["gps-dense"]["flops"] == full  # the mask is applied after a dense backward
+    for method in ("grft-row", "grft-col", "grft-sparse", "lora"):
+        assert rows[method]["flops"] < full
+        assert rows[method]["forward_flops"] >= rows["floor"]["forward_flops"]
+    # column updates read k inputs: the forward adds exactly out*k MACs per token and layer
+    assert rows["grft-col"]["forward_flops"] > rows["floor"]["forward_flops"]
+
+
+def test_saved_bytes(rows):
+    floor = rows["floor"]["saved_bytes"]
+    assert 0 < rows["head"]["saved_bytes"] < floor
+    # weight gradients need the layer inputs: full saves more than the frozen backbone
+    assert rows["full"]["saved_bytes"] > floor
+    assert rows["gps-dense"]["saved_bytes"] == rows["full"]["saved_bytes"]
+    # rows need every full input (x @ delta^T), columns only the k chosen input channels
+    assert rows["grft-col"]["saved_bytes"] < rows["grft-row"]["saved_bytes"]
+
+
+def test_files(rows):
+    assert rows["floor"]["file_bytes"] is None
+    full = rows["full"]["file_bytes"]
+    assert full > 4 * rows["full"]["total_params"]  # every parameter in fp32, plus the safetensors header
+    assert rows["gps-dense"]["file_bytes"] == full
+    for method in ("grft-row", "grft-col", "grft-sparse", "lora", "head"):
+        assert 4 * rows[method]["trainable_params"] <= rows[method]["file_bytes"] < full
+    assert rows["gps-dense"]["extra_resident_bytes"] > 0  # the dense bool mask
+
+
+def test_merged_inference_flops_equal_plain(rows):
+    for method in ("grft-row", "grft-col", "grft-sparse"):
+        row = rows[method]
+        assert row["merged_inference_flops"] == row["plain_inference_flops"]
+        assert row["merged_flops_by_op_equal"] and row["merged_is_plain"]
+
+
+def test_target_checks_cover_figures(checks):
+    for name in ("grft-row", "grft-col", "grft-sparse"):
+        assert checks[f"grad + Adam moments {name} = 12 B x trainable"]["passed"] is True
+        assert checks[f"inference FLOPs after merge_grft ({name}) == plain model"]["passed"] is True
+    for name in ("full", "gps-dense"):
+        assert checks[f"grad + Adam moments {name} = 12 B x all params"]["passed"] is True
+    assert checks["adapter file grft-row (bytes)"]["passed"] is True
+    # timing checks exist but their verdict on a tiny model is not asserted
+    assert "step time grft-row / floor" in checks
+
+
+def test_markdown_and_script_json(rows, checks, tmp_path):
+    table = step_cost.to_markdown(list(rows.values()), list(checks.values()))
+    for method in step_cost.METHODS:
+        assert f"| {method} |" in table
+    assert "| target | measured | limit | result |" in table
+
+
+def test_script_entry_point_writes_json(tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    md = tmp_path / "cost.md"
+    args = step_cost.parse_args(["--model", "vit_tiny_patch16_224", "--num-classes", "3", "--img-size", "32",
+                                 "--batch-size", "2", "--model-kwargs", '{"depth": 2}', "--repeats", "1", "--warmup", "0", "--methods", "floor",
+                                 "full", "grft-col", "--out", str(out), "--markdown", str(md), "--quiet",
+                                 "--device", "cpu"])
+    report = step_cost.run(args)
+    data = json.loads(out.read_text())
+    assert [row["method"] for row in data["methods"]] == ["floor", "full", "grft-col"]
+    assert data["meta"]["model"] == "vit_tiny_patch16_224" and data["targets"] == report["targets"]
+    assert "| grft-col |" in md.read_text() and "| grft-col |" in capsys.readouterr().out
+
+
+def test_unknown_method_is_an_error():
+    with pytest.raises(ValueError, match="unknown method"):
+        step_cost.measure("vit_tiny_patch16_224", methods=["full", "bogus"], **TINY)
+
+
+def test_cpu_timer_and_threads_are_restored():
+    import torch
+
+    before = torch.get_num_threads()
+    rows = step_cost.measure("vit_tiny_patch16_224", **{**TINY, "repeats": 1, "warmup": 0},
+                             methods=["floor", "grft-col"], timer="cpu", threads=1)
+    assert torch.get_num_threads() == before
+    for row in rows:
+        assert row["timer"] == "cpu" and row["step_time_s"] == row["cpu_time_s"] > 0
+        assert row["wall_time_s"] > 0 and "time_vs_floor_paired" in row
+    with pytest.raises(ValueError, match="timer"):
+        step_cost.measure("vit_tiny_patch16_224", **TINY, methods=["floor"], timer="gpu")
