@@ -143,6 +143,13 @@ class IncrementalSchedule(MaskSchedule):
     def due(self, step: int) -> bool:
         return step % self.config.schedule_interval == 0 and self.events < self.total_events
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "budgets": dict(self.budgets)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.budgets = dict(state["budgets"])
+
     def target(self, name: str, event: int) -> int:
         """Units layer ``name`` holds after event ``event`` (1-based): ``floor(B_l * event / E)``."""
         return self.budgets[name] * event // self.total_events
