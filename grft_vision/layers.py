@@ -207,9 +207,16 @@ class GRFTLayer(nn.Module):
             self._distance_cache = None
         return self.base_layer
 
-    def _materialised_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the base layer's own forward with the effective weight (for layers without a channel form)."""
-        return torch.func.functional_call(self.base_layer, {"weight": self.weight}, (x,))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.delta.numel() == 0:  # nothing chosen (yet): the base layer alone
+            return self.base_layer(x)
+        if not self._channel_form:  # the base layer's own forward with the materialised effective weight
+            return torch.func.functional_call(self.base_layer, {"weight": self.weight}, (x,))
+        return self._channel_forward(x)
+
+    def _channel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output plus the update, computed over the chosen channels only."""
+        raise NotImplementedError
 
     def __getattr__(self, name: str):
         try:
@@ -249,11 +256,7 @@ class GRFTLinear(GRFTLayer):
             return dense.index_select(1, self.indices)
         return dense.gather(1, self.indices)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.delta.numel() == 0:  # nothing chosen (yet): the base layer alone
-            return self.base_layer(x)
-        if not self._channel_form:
-            return self._materialised_forward(x)
+    def _channel_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         delta = self.delta.to(x.dtype)
         if self.structure == "row":
@@ -347,11 +350,7 @@ class GRFTConv2d(GRFTLayer):
             x, padding = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode), 0
         return F.conv2d(x, weight, None, base.stride, padding, base.dilation, groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.delta.numel() == 0:  # nothing chosen (yet): the base layer alone
-            return self.base_layer(x)
-        if not self._channel_form:
-            return self._materialised_forward(x)
+    def _channel_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         delta = self.delta.to(x.dtype)
         count = self.indices.shape[0]

@@ -133,30 +133,37 @@ class SimulatedCrash(Exception):
     pass
 
 
+def crash_then_resume(args: list[str], run_dir: Path, monkeypatch, crash_epoch: int) -> None:
+    """Run until a simulated crash at the start of ``crash_epoch``, then ``--resume`` to the end."""
+    original = runner.train_one_epoch
+
+    def crashing(*positional, **named):
+        if named["epoch"] == crash_epoch:
+            raise SimulatedCrash
+        return original(*positional, **named)
+
+    monkeypatch.setattr(runner, "train_one_epoch", crashing)
+    with pytest.raises(SimulatedCrash):
+        train("vtab", *args, "--run-dir", str(run_dir))
+    monkeypatch.setattr(runner, "train_one_epoch", original)
+    assert train("vtab", *args, "--run-dir", str(run_dir), "--resume") == 0
+
+
+def assert_same_adapter(first: Path, second: Path) -> None:
+    """The two runs' adapters hold bit-identical tensors."""
+    one, two = load_file(first / "adapter.safetensors"), load_file(second / "adapter.safetensors")
+    assert one.keys() == two.keys()
+    for key in one:
+        assert torch.equal(one[key], two[key]), key
+
+
 def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     args = ["--dataset", "synthetic", "--model", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32",
             "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "8", "--workers", "0", "--quiet",
             "--set", "synthetic_samples=24", "--set", "drop_path=0.1", "--reg-lambda", "1e-3"]
     assert train("vtab", *args, "--run-dir", str(tmp_path / "straight")) == 0
-
-    original = runner.train_one_epoch
-
-    def crash_at_second_epoch(*positional, **named):
-        if named["epoch"] == 1:
-            raise SimulatedCrash
-        return original(*positional, **named)
-
-    monkeypatch.setattr(runner, "train_one_epoch", crash_at_second_epoch)
-    with pytest.raises(SimulatedCrash):
-        train("vtab", *args, "--run-dir", str(tmp_path / "resumed"))
-    monkeypatch.setattr(runner, "train_one_epoch", original)
-    assert train("vtab", *args, "--run-dir", str(tmp_path / "resumed"), "--resume") == 0
-
-    straight = load_file(tmp_path / "straight" / "adapter.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "adapter.safetensors")
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
+    crash_then_resume(args, tmp_path / "resumed", monkeypatch, crash_epoch=1)
+    assert_same_adapter(tmp_path / "straight", tmp_path / "resumed")
     first = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     second = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert first["history"] == second["history"]
@@ -241,20 +248,5 @@ def test_mask_schedules_run_end_to_end_and_resume(schedule, tmp_path, monkeypatc
     assert len(events) >= 2
     if schedule == "incremental":  # unmasked step by step up to the budget of 2 rows per layer
         assert [event.value for event in events] == sorted(event.value for event in events)
-    original = runner.train_one_epoch
-
-    def crash_at_last_epoch(*positional, **named):
-        if named["epoch"] == 2:
-            raise SimulatedCrash
-        return original(*positional, **named)
-
-    monkeypatch.setattr(runner, "train_one_epoch", crash_at_last_epoch)
-    with pytest.raises(SimulatedCrash):
-        train("vtab", *args, "--run-dir", str(tmp_path / "resumed"))
-    monkeypatch.setattr(runner, "train_one_epoch", original)
-    assert train("vtab", *args, "--run-dir", str(tmp_path / "resumed"), "--resume") == 0
-    straight = load_file(tmp_path / "straight" / "adapter.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "adapter.safetensors")
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
+    crash_then_resume(args, tmp_path / "resumed", monkeypatch, crash_epoch=2)
+    assert_same_adapter(tmp_path / "straight", tmp_path / "resumed")
