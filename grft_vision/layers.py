@@ -215,7 +215,11 @@ class GRFTLayer(nn.Module):
         return self._channel_forward(x)
 
     def _channel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The base layer's output plus the update, computed over the chosen channels only."""
+        """The base layer's output plus the update, computed over the chosen channels only.
+
+        The update is added into the base output in place: no layer saves its own output for backward, and
+        a fresh output-sized tensor per wrapped layer is the largest avoidable cost of a training step.
+        """
         raise NotImplementedError
 
     def __getattr__(self, name: str):
@@ -260,11 +264,11 @@ class GRFTLinear(GRFTLayer):
         y = self.base_layer(x)
         delta = self.delta.to(x.dtype)
         if self.structure == "row":
-            return y.index_add(-1, self.indices, F.linear(x, delta).to(y.dtype))
+            return y.index_add_(-1, self.indices, F.linear(x, delta).to(y.dtype))
         if self.structure == "column":
-            return y + F.linear(x.index_select(-1, self.indices), delta).to(y.dtype)
+            return y.add_(F.linear(x.index_select(-1, self.indices), delta).to(y.dtype))
         # sparse: x[..., indices] is [..., out, k]; each output sums its own k chosen inputs
-        return y + torch.einsum("...ok,ok->...o", x[..., self.indices], delta).to(y.dtype)
+        return y.add_(torch.einsum("...ok,ok->...o", x[..., self.indices], delta).to(y.dtype))
 
 
 class GRFTConv2d(GRFTLayer):
@@ -360,18 +364,18 @@ class GRFTConv2d(GRFTLayer):
                 update = self._conv(x, delta, 1)
             else:
                 update = self._conv(x.index_select(1, self._gather_channels), delta, count)
-            return y.index_add(1, self.indices, update.to(y.dtype))
+            return y.index_add_(1, self.indices, update.to(y.dtype))
         if self.structure == "tap_column":  # a small kernel over the chosen channels, zero but at the chosen taps
             out_channels, _, kh, kw = self.base_layer.weight.shape
             kernel = delta.new_zeros(out_channels, len(self._tap_channels) * kh * kw)
             kernel = kernel.index_copy(1, self._tap_slots, delta).reshape(out_channels, -1, kh, kw)
-            return y + self._conv(x.index_select(1, self._tap_channels), kernel, 1).to(y.dtype)
+            return y.add_(self._conv(x.index_select(1, self._tap_channels), kernel, 1).to(y.dtype))
         chosen = x.index_select(1, self.indices)
         if groups == 1:
-            return y + self._conv(chosen, delta, 1).to(y.dtype)
+            return y.add_(self._conv(chosen, delta, 1).to(y.dtype))
         kh, kw = delta.shape[-2:]
         weight = delta.transpose(0, 1).reshape(-1, 1, kh, kw)  # [k * out/g, 1, kh, kw]
-        return y.index_add(1, self._scatter_channels, self._conv(chosen, weight, count).to(y.dtype))
+        return y.index_add_(1, self._scatter_channels, self._conv(chosen, weight, count).to(y.dtype))
 
 
 def wrap_layer(layer: nn.Module, structure: str, indices: torch.Tensor) -> GRFTLayer:
