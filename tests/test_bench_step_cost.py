@@ -22,7 +22,8 @@ def _load():
 
 
 step_cost = _load()
-TINY = dict(num_classes=5, img_size=32, batch_size=2, repeats=2, warmup=1, model_kwargs={"depth": 2})
+# one torch thread: a tiny model gains nothing from more, and a shared machine's cores then cost no spin-waits
+TINY = dict(num_classes=5, img_size=32, batch_size=2, repeats=2, warmup=1, model_kwargs={"depth": 2}, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +146,11 @@ def test_markdown_and_script_json(rows, checks, tmp_path):
 def test_script_entry_point_writes_json(tmp_path, capsys):
     out = tmp_path / "cost.json"
     md = tmp_path / "cost.md"
-    args = step_cost.parse_args(["--model", "vit_tiny_patch16_224", "--num-classes", "3", "--img-size", "32",
-                                 "--batch-size", "2", "--model-kwargs", '{"depth": 2}', "--repeats", "1", "--warmup", "0", "--methods", "floor",
-                                 "full", "grft-col", "--out", str(out), "--markdown", str(md), "--quiet",
-                                 "--device", "cpu"])
+    args = step_cost.parse_args([
+        "--model", "vit_tiny_patch16_224", "--num-classes", "3", "--img-size", "32", "--batch-size", "2",
+        "--model-kwargs", '{"depth": 2}', "--threads", "1", "--repeats", "1", "--warmup", "0",
+        "--methods", "floor", "full", "grft-col", "--out", str(out), "--markdown", str(md), "--quiet",
+        "--device", "cpu"])
     report = step_cost.run(args)
     data = json.loads(out.read_text())
     assert [row["method"] for row in data["methods"]] == ["floor", "full", "grft-col"]
@@ -166,7 +168,7 @@ def test_cpu_timer_and_threads_are_restored():
 
     before = torch.get_num_threads()
     rows = step_cost.measure("vit_tiny_patch16_224", **{**TINY, "repeats": 1, "warmup": 0},
-                             methods=["floor", "grft-col"], timer="cpu", threads=1)
+                             methods=["floor", "grft-col"], timer="cpu")
     assert torch.get_num_threads() == before
     for row in rows:
         assert row["timer"] == "cpu" and row["step_time_s"] == row["cpu_time_s"] > 0
