@@ -102,6 +102,20 @@ def test_grasp_hessian_vector_product_matches_finite_differences():
         torch.testing.assert_close(grasp[name], expected.float(), rtol=1e-3, atol=1e-7)
 
 
+def test_grasp_runs_through_fused_attention():
+    """timm attention uses fused SDPA kernels, which have no double backward; GraSP must still work."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                              num_classes=3)
+    loader = [(torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]))]
+    config = GRFTConfig(score="grasp", selection_views=1)
+    scores = compute_scores(model, loader, config, progress=False).scores
+    assert all(torch.isfinite(score).all() for score in scores.values())
+    assert scores["blocks.0.attn.qkv.weight"].abs().sum() > 0
+
+
 def test_synflow_needs_no_data_and_matches_its_formula():
     model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 2, bias=False))
     torch.manual_seed(0)
@@ -113,6 +127,19 @@ def test_synflow_needs_no_data_and_matches_its_formula():
     torch.testing.assert_close(scores["0.weight"], w2.sum(0)[:, None] * w1)
     torch.testing.assert_close(scores["1.weight"], w1.sum(1)[None, :] * w2)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), original))  # signs restored
+
+
+def test_synflow_runs_at_the_loaders_image_size_not_the_pretrained_one():
+    """A timm model built for 32 px still says 224 in its pretrained config: the loader's images decide."""
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                              num_classes=3)
+    assert model.pretrained_cfg["input_size"][-1] == 224
+    loader = [(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))]
+    scores = compute_scores(model, loader, GRFTConfig(score="synflow"), progress=False).scores
+    assert scores["patch_embed.proj.weight"].shape == model.patch_embed.proj.weight.shape
+    assert all(torch.isfinite(score).all() and score.sum() > 0 for score in scores.values())
 
 
 def test_random_scores_are_seeded_and_gradient_scores_need_data():

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -162,12 +163,18 @@ def _fisher(model: nn.Module, batches: Iterable[Any], batch_loss: _BatchLoss, we
 def _hessian_times(model: nn.Module, batches: Iterable[Any], batch_loss: _BatchLoss,
                    weights: dict[str, nn.Parameter], vector: dict[str, torch.Tensor],
                    progress: bool) -> dict[str, torch.Tensor]:
-    """``H v`` with H the Hessian of the summed selection loss over the batches (double backward)."""
+    """``H v`` with H the Hessian of the summed selection loss over the batches (double backward).
+
+    Attention runs on PyTorch's math SDPA kernel here: the fused kernels (flash, memory-efficient) have no
+    double backward.
+    """
     sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
     params = list(weights.values())
     for index, batch in enumerate(tqdm(batches, desc="selection: Hessian-gradient", leave=False,
                                        disable=not progress)):
-        grads = torch.autograd.grad(batch_loss(model, batch, index), params, create_graph=True, allow_unused=True)
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = batch_loss(model, batch, index)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         inner = sum((grad.float() * vector[name]).sum() for name, grad in zip(weights, grads) if grad is not None)
         for name, hv in zip(weights, torch.autograd.grad(inner, params, allow_unused=True)):
             if hv is not None:
@@ -190,17 +197,26 @@ def _scored_weights(model: nn.Module, config: GRFTConfig) -> tuple[dict[str, nn.
     return weights, {name: weight.detach() for name, weight in weights.items()}
 
 
+def _synflow_input_shape(model: nn.Module, dataloader: DataLoader | Iterable[Any] | None) -> tuple[int, ...]:
+    """``[C, H, W]`` of the training images when a loader is given (a model may run at another size than its
+    pretrained config says), else timm's ``pretrained_cfg['input_size']``."""
+    if dataloader is not None:
+        batch = next(iter(dataloader))
+        images = batch[0] if isinstance(batch, (tuple, list)) else None
+        if torch.is_tensor(images) and images.dim() >= 4:
+            return tuple(images.shape[-3:])
+    data_config = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" not in data_config:
+        raise SelectionError("score='synflow' needs the model's input shape: pass input_shape=(3, H, W).")
+    return tuple(data_config["input_size"])
+
+
 def _data_free_scores(model: nn.Module, weights: dict[str, nn.Parameter], thetas: dict[str, torch.Tensor],
-                      config: GRFTConfig, input_shape: tuple[int, ...] | None) -> dict[str, torch.Tensor]:
+                      config: GRFTConfig, input_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
     if config.score == "magnitude":
         return magnitude_scores(thetas)
     if config.score == "random":
         return random_scores(weights, config.selection_seed)
-    if input_shape is None:
-        data_config = getattr(model, "pretrained_cfg", None) or {}
-        if "input_size" not in data_config:
-            raise SelectionError("score='synflow' needs the model's input shape: pass input_shape=(3, H, W).")
-        input_shape = tuple(data_config["input_size"])
     return synflow_scores(model, weights, input_shape)
 
 
@@ -230,7 +246,8 @@ def compute_scores(
         device: where to run; default the device of the model's first parameter.
         amp: autocast on CUDA (bf16 where supported, else fp16); gradients still accumulate in fp32.
         progress: show tqdm progress bars.
-        input_shape: SynFlow's input shape without the batch dimension; default timm's ``input_size``.
+        input_shape: SynFlow's input shape without the batch dimension; default the shape of the loader's
+            images, else timm's ``input_size``.
 
     Raises:
         SelectionError: missing labels or data, a batch where SupCon is undefined, a model without
@@ -242,6 +259,8 @@ def compute_scores(
     weights, thetas = _scored_weights(model, config)
     seed = config.selection_seed
     if config.score in DATA_FREE_SCORES:
+        if config.score == "synflow" and input_shape is None:
+            input_shape = _synflow_input_shape(model, dataloader)
         with _selection_state(model, list(weights.values()), "eval", seed, device):
             scores = _data_free_scores(model, weights, thetas, config, input_shape)
         return SelectionResult({f"{name}.weight": score for name, score in scores.items()}, [], 0, None, 0,
