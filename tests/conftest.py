@@ -1,7 +1,13 @@
-"""Shared fixtures: tiny models of every architecture family the core must support."""
+"""Shared fixtures: tiny models of every architecture family the core must support; the torchrun check."""
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import pytest
 import timm
@@ -72,3 +78,23 @@ def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(params=sorted(TINY_MODELS))
 def model_name(request) -> str:
     return request.param
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def histories_of_one_and_two_processes(script_args: list[str], tmp_path: Path) -> tuple[list[dict], list[dict]]:
+    """Run a training script once plainly and once under torchrun with 2 CPU processes (gloo); return the
+    ``history`` of each run's metrics.json (run directories ``tmp_path/one`` and ``tmp_path/two``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launchers = {"one": [sys.executable],
+                 "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                         "--master_port", str(_free_port())]}
+    for name, launcher in launchers.items():
+        done = subprocess.run([*launcher, *script_args, "--run-dir", str(tmp_path / name)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return tuple(json.loads((tmp_path / name / "metrics.json").read_text())["history"] for name in launchers)

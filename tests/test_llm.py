@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import re
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -38,6 +36,8 @@ from grft_vision.selection.losses import SupConSelectionLoss
 from grft_vision.training import runner
 from grft_vision.training.config import TrainConfig
 from grft_vision.training.runner import create_scheduler
+
+from conftest import histories_of_one_and_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "glue"
@@ -527,16 +527,7 @@ def test_train_glue_torchrun_two_processes_match_one(tiny_dirs, tmp_path):
     data = write_glue(tmp_path / "glue", "cola", {"train": 32, "dev": 8})
     common = [str(ROOT / "train_glue.py"), "--dataset", "cola", "--model", str(tiny_dirs["llama"]), "--data-dir",
               str(data), "--max-length", "32", "--batch-size", "8", "--epochs", "2", "--lr", "3e-3", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, *common, "--run-dir", str(tmp_path / "one")], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29531", *common, "--run-dir", str(tmp_path / "two")], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert double.returncode == 0, double.stderr[-2000:]
-    histories = [json.loads((tmp_path / name / "metrics.json").read_text())["history"] for name in ("one", "two")]
-    for first, second in zip(*histories):
+    for first, second in zip(*histories_of_one_and_two_processes(common, tmp_path)):
         assert first["accuracy"] == second["accuracy"] and first["mcc"] == pytest.approx(second["mcc"])
         assert first["loss"] == pytest.approx(second["loss"], rel=1e-4)
     assert (json.loads((tmp_path / "one" / "selection.json").read_text())["layers"]

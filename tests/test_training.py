@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,8 @@ from tensorflow_datasets.testing import mocking
 from grft_vision import load_adapter
 from grft_vision.training import cli, create_timm_model, runner
 from grft_vision.training.config import TrainConfig
+
+from conftest import histories_of_one_and_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32", "--epochs", "1",
@@ -182,16 +182,7 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
 def test_torchrun_two_processes_match_one(tmp_path):
     common = [str(ROOT / "train_vtab.py"), "--dataset", "synthetic", *TINY, "--set", "synthetic_samples=32",
               "--rows", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, *common, "--run-dir", str(tmp_path / "one")], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29517", *common, "--run-dir", str(tmp_path / "two")], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert double.returncode == 0, double.stderr[-2000:]
-    histories = [json.loads((tmp_path / name / "metrics.json").read_text())["history"] for name in ("one", "two")]
-    for first, second in zip(*histories):
+    for first, second in zip(*histories_of_one_and_two_processes(common, tmp_path)):
         assert first["top1"] == second["top1"]
         assert first["loss"] == pytest.approx(second["loss"], rel=1e-5)  # the global batch's loss in both
     # Compare what the adapters compute: Adam turns the float noise of gradients that are zero in exact
