@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models of every architecture family the core must support; the torchrun check."""
+"""Shared fixtures: tiny models of every architecture family the core must support; the torchrun and resume checks."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import timm
@@ -98,3 +99,26 @@ def histories_of_one_and_two_processes(script_args: list[str], tmp_path: Path) -
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
     return tuple(json.loads((tmp_path / name / "metrics.json").read_text())["history"] for name in launchers)
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def crash_then_resume(main: Callable[..., int], args: list[str], monkeypatch, crash_epoch: int) -> None:
+    """``main(*args)`` until a simulated crash at the start of ``crash_epoch``, then ``main(*args, '--resume')``
+    to the end (``args`` name the run directory)."""
+    from grft_vision.training import runner
+
+    original = runner.train_one_epoch
+
+    def crashing(*positional, **named):
+        if named["epoch"] == crash_epoch:
+            raise SimulatedCrash
+        return original(*positional, **named)
+
+    monkeypatch.setattr(runner, "train_one_epoch", crashing)
+    with pytest.raises(SimulatedCrash):
+        main(*args)
+    monkeypatch.setattr(runner, "train_one_epoch", original)
+    assert main(*args, "--resume") == 0

@@ -33,11 +33,10 @@ from grft_vision.llm import (GlueDataset, GlueExample, GlueTrainConfig, PadColla
 from grft_vision.llm import cli as glue_cli
 from grft_vision.llm.memory import LLAMA_3_2_1B, count_parameters, estimate_memory, trainable_parameters
 from grft_vision.selection.losses import SupConSelectionLoss
-from grft_vision.training import runner
 from grft_vision.training.config import TrainConfig
 from grft_vision.training.runner import create_scheduler
 
-from conftest import histories_of_one_and_two_processes
+from conftest import crash_then_resume, histories_of_one_and_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "glue"
@@ -496,26 +495,12 @@ def test_train_glue_pairs_with_an_encoder_and_full_fine_tuning(tiny_dirs, tmp_pa
     assert "bert.embeddings.word_embeddings.weight" in load_file(run_dir / "trainable.safetensors")
 
 
-class SimulatedCrash(Exception):
-    pass
-
-
 def test_train_glue_resume_is_exact(tiny_dirs, tmp_path, monkeypatch):
     data = write_glue(tmp_path / "glue", "rte", {"train": 32, "dev": 8})
     args = ["--dataset", "rte", "--warmup-ratio", "0.2", "--sparse", "2"]
     assert glue(*args, *tiny_args(tiny_dirs["llama"], data, tmp_path / "straight")) == 0
-    original = runner.train_one_epoch
-
-    def crash_at_second_epoch(*positional, **named):
-        if named["epoch"] == 1:
-            raise SimulatedCrash
-        return original(*positional, **named)
-
-    monkeypatch.setattr(runner, "train_one_epoch", crash_at_second_epoch)
-    with pytest.raises(SimulatedCrash):
-        glue(*args, *tiny_args(tiny_dirs["llama"], data, tmp_path / "resumed"))
-    monkeypatch.setattr(runner, "train_one_epoch", original)
-    assert glue(*args, *tiny_args(tiny_dirs["llama"], data, tmp_path / "resumed"), "--resume") == 0
+    crash_then_resume(glue, [*args, *tiny_args(tiny_dirs["llama"], data, tmp_path / "resumed")], monkeypatch,
+                      crash_epoch=1)
     straight = load_file(tmp_path / "straight" / "adapter.safetensors")
     resumed = load_file(tmp_path / "resumed" / "adapter.safetensors")
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 import sys
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorflow_datasets.testing import mocking
 
 from grft_vision import load_adapter
-from grft_vision.training import cli, create_timm_model, runner
+from grft_vision.training import cli, create_timm_model
 from grft_vision.training.config import TrainConfig
 
-from conftest import histories_of_one_and_two_processes
+from conftest import crash_then_resume, histories_of_one_and_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32", "--epochs", "1",
@@ -129,24 +130,8 @@ def test_tensorboard_has_every_tag(tmp_path):
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= plugins
 
 
-class SimulatedCrash(Exception):
-    pass
-
-
-def crash_then_resume(args: list[str], run_dir: Path, monkeypatch, crash_epoch: int) -> None:
-    """Run until a simulated crash at the start of ``crash_epoch``, then ``--resume`` to the end."""
-    original = runner.train_one_epoch
-
-    def crashing(*positional, **named):
-        if named["epoch"] == crash_epoch:
-            raise SimulatedCrash
-        return original(*positional, **named)
-
-    monkeypatch.setattr(runner, "train_one_epoch", crashing)
-    with pytest.raises(SimulatedCrash):
-        train("vtab", *args, "--run-dir", str(run_dir))
-    monkeypatch.setattr(runner, "train_one_epoch", original)
-    assert train("vtab", *args, "--run-dir", str(run_dir), "--resume") == 0
+def crash_then_resume_vtab(args: list[str], run_dir: Path, monkeypatch, crash_epoch: int) -> None:
+    crash_then_resume(partial(train, "vtab"), [*args, "--run-dir", str(run_dir)], monkeypatch, crash_epoch)
 
 
 def assert_same_adapter(first: Path, second: Path) -> None:
@@ -162,7 +147,7 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
             "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "8", "--workers", "0", "--quiet",
             "--set", "synthetic_samples=24", "--set", "drop_path=0.1", "--reg-lambda", "1e-3"]
     assert train("vtab", *args, "--run-dir", str(tmp_path / "straight")) == 0
-    crash_then_resume(args, tmp_path / "resumed", monkeypatch, crash_epoch=1)
+    crash_then_resume_vtab(args, tmp_path / "resumed", monkeypatch, crash_epoch=1)
     assert_same_adapter(tmp_path / "straight", tmp_path / "resumed")
     first = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     second = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
@@ -239,5 +224,5 @@ def test_mask_schedules_run_end_to_end_and_resume(schedule, tmp_path, monkeypatc
     assert len(events) >= 2
     if schedule == "incremental":  # unmasked step by step up to the budget of 2 rows per layer
         assert [event.value for event in events] == sorted(event.value for event in events)
-    crash_then_resume(args, tmp_path / "resumed", monkeypatch, crash_epoch=2)
+    crash_then_resume_vtab(args, tmp_path / "resumed", monkeypatch, crash_epoch=2)
     assert_same_adapter(tmp_path / "straight", tmp_path / "resumed")
