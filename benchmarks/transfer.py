@@ -544,11 +544,12 @@ def grft_method(structure: str, k: int, *, chooser: str | ScoreFn = "gradient", 
     """
 
     def prepare(model: nn.Module, ctx: MethodContext) -> Prepared:
+        options = dict(selection)
+        if schedule_events:
+            options["schedule_interval"] = max(1, math.ceil(ctx.total_steps / schedule_events))
         config = ctx.grft_config(structure=structure, k=k, num_subsets=num_subsets or ctx.num_subsets,
                                  reg_lambda=ctx.reg_lambda if l2 else 0.0, train_bias=bias,
-                                 selection_views=2 if augment else 1, **selection)
-        if schedule_events:
-            config.schedule_interval = max(1, math.ceil(ctx.total_steps / schedule_events))
+                                 selection_views=2 if augment else 1, **options)
         start = time.perf_counter()
         info: dict[str, Any] = {"uniform_share_mean": _uniform_share(model, config)}
         schedule = None
