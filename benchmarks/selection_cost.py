@@ -65,7 +65,7 @@ def _time_epoch(model: nn.Module, loader: DataLoader) -> float:
     context = DistributedContext()
     start = time.perf_counter()
     train_one_epoch(wrapped, loader, optimizer, nn.CrossEntropyLoss(), batches=ImageBatches(),
-                    regularizer=L2ToPretrained(wrapped, wrapped.grft_config), precision=Precision(context.device, False),
+                    regularizer=L2ToPretrained(wrapped, wrapped.grft_state.config), precision=Precision(context.device, False),
                     context=context, monitor=Monitor(None), epoch=0, global_step=0, progress=False)
     return time.perf_counter() - start
 

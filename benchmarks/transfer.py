@@ -556,14 +556,14 @@ def grft_method(structure: str, k: int, *, chooser: str | ScoreFn = "gradient", 
         if chooser == "gradient":
             loader = ctx.selection_loader(config.selection_views, augment)
             apply_grft(model, config=config, dataloader=loader, progress=False)
-            record = model.grft_selection
+            record = model.grft_state.selection
             info.update(subset_losses=record.subset_losses, chosen_subset=record.chosen_subset,
                         subset_size=record.subset_size)
             if config.schedule == "static":  # a schedule moves the choice: its first record says little
                 info.update(_layer_stats(record.layers))
             else:
                 schedule = create_schedule(model, config, loader, total_steps=ctx.total_steps,
-                                           budgets=model.grft_budgets)
+                                           budgets=model.grft_state.budgets)
         else:
             # the gradient scores are computed anyway, to measure how much of them the control captures
             real = compute_scores(model, ctx.selection_loader(config.selection_views, augment), config,
@@ -573,7 +573,7 @@ def grft_method(structure: str, k: int, *, chooser: str | ScoreFn = "gradient", 
             apply_grft(model, scores=scores, config=config)
             layers = [LayerSelection.build(layer.name, layer.structure, real[f"{layer.name}.weight"],
                                            torch.as_tensor(layer.indices))
-                      for layer in model.grft_selection.layers]
+                      for layer in model.grft_state.selection.layers]
             info.update(_layer_stats(layers))
         info["selection_seconds"] = time.perf_counter() - start
         report = trainable_parameters_report(model)

@@ -1,7 +1,9 @@
 """Reading a model's anatomy: its head, its norms, its blocks, and the names tensors had before wrapping.
 
 Works for timm models (through ``pretrained_cfg['classifier']`` and ``group_matcher``), Hugging Face
-models, and plain ``torch.nn.Module`` trees (through name conventions and the longest module list).
+models, and plain ``torch.nn.Module`` trees (through name conventions and the longest module list). On a
+wrapped model, names are read through the wrappers (``a.base_layer.weight`` is ``a.weight``) and through
+the parametrizations of adapter-owned tensors (``head.parametrizations.weight.original`` is ``head.weight``).
 """
 from __future__ import annotations
 
@@ -11,16 +13,23 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from .config import GRFTConfig
-from .layers import GRFTLayer
+from .errors import ConfigError
+from .layers import GRFTLayer, _own_class, grft_layers
 
 __all__ = [
     "ModelGroups",
     "grft_layers",
     "original_name",
+    "is_adapter_tensor",
+    "base_tensors",
+    "logical_modules",
+    "logical_tensors",
     "head_module_names",
+    "input_size",
     "is_norm",
     "matches_any",
     "in_modules",
@@ -33,18 +42,65 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 _HEAD_FALLBACK_NAMES = ("head", "classifier", "score", "fc")
 _WRAPPER_SEGMENT = ".base_layer"
-
-
-def grft_layers(model: nn.Module) -> Iterator[tuple[str, GRFTLayer]]:
-    """Yield ``(module name, wrapper)`` for every GRFT wrapper in ``model``."""
-    for name, module in model.named_modules():
-        if isinstance(module, GRFTLayer):
-            yield name, module
+_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
+_ADAPTER_TENSOR = re.compile(r"(^|\.)(grft_updates|parametrizations\.[^.]+\.0\.adapters)\.")
 
 
 def original_name(name: str) -> str:
-    """The name a parameter/buffer/module had before wrapping (``a.base_layer.weight`` -> ``a.weight``)."""
-    return name.replace(_WRAPPER_SEGMENT + ".", ".").removesuffix(_WRAPPER_SEGMENT)
+    """The name a parameter/buffer/module had before wrapping: ``a.base_layer.weight`` -> ``a.weight``,
+    ``head.parametrizations.weight.original`` -> ``head.weight``."""
+    name = name.replace(_WRAPPER_SEGMENT + ".", ".").removesuffix(_WRAPPER_SEGMENT)
+    return _PARAMETRIZED.sub(r"\1\2", name)
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """True for the name of a tensor that belongs to an adapter (an update, or an adapter's owned copy)."""
+    return _ADAPTER_TENSOR.search(name) is not None
+
+
+def base_tensors(model: nn.Module, buffers: bool = False) -> dict[str, torch.Tensor]:
+    """The base model's parameters (or buffers) under their original names; adapter tensors left out.
+
+    Owned tensors give their original (pre-trained) value; a wrapped weight gives its current value (use
+    :meth:`~grft_vision.layers.GRFTLayer.pristine_weight` for the pre-trained one when adapters are merged).
+    """
+    named = model.named_buffers() if buffers else model.named_parameters()
+    return {original_name(name): tensor for name, tensor in named if not is_adapter_tensor(name)}
+
+
+def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of the unwrapped model's modules: a GRFT wrapper stands for its base layer (under the
+    wrapper's name) and the insides of wrappers and of parametrizations are skipped."""
+    skipped: list[str] = []
+    for name, module in model.named_modules():
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in skipped):
+            continue
+        if isinstance(module, GRFTLayer):
+            skipped.append(name)
+            yield name, module.base_layer
+            continue
+        skipped.append(f"{name}.parametrizations" if name else "parametrizations")
+        yield name, module
+
+
+def logical_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, bool]]:
+    """``(module name, module, tensor name, is buffer)`` of every tensor of the unwrapped model's modules.
+
+    Parametrized tensors are listed under their own name; the insides of GRFT wrappers and of
+    parametrizations are skipped (a wrapper's base layer is never an owner).
+    """
+    wrapped = {name for name, _ in grft_layers(model)}
+    for module_name, module in logical_modules(model):
+        if module_name in wrapped:
+            continue
+        for name, param in module._parameters.items():
+            if param is not None:
+                yield module_name, module, name, False
+        for name, tensors in getattr(module, "parametrizations", {}).items():
+            yield module_name, module, name, "original" in tensors._buffers
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                yield module_name, module, name, True
 
 
 def matches_any(name: str, patterns: list[str]) -> bool:
@@ -57,10 +113,24 @@ def architecture_name(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and cfg.get("architecture"):
         return str(cfg["architecture"])
+    cls = _own_class(model)
     hf_config = getattr(model, "config", None)
     if getattr(hf_config, "model_type", None):
-        return f"{hf_config.model_type}:{type(model).__name__}"
-    return f"{type(model).__module__}.{type(model).__qualname__}"
+        return f"{hf_config.model_type}:{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def input_size(model: nn.Module) -> tuple[int, ...] | None:
+    """``(C, H, W)`` the model runs at: a ViT's actual patch-embedding size (timm keeps the pretrained
+    ``input_size`` in its config even for a model created with another ``img_size``), else timm's config."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = tuple(cfg["input_size"]) if "input_size" in cfg else None
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and img_size[0] is not None:
+        channels = size[0] if size else getattr(getattr(patch_embed, "proj", None), "in_channels", 3)
+        return (channels, int(img_size[0]), int(img_size[1]))
+    return size
 
 
 def head_module_names(model: nn.Module, patterns: list[str] | None = None) -> list[str]:
@@ -72,13 +142,13 @@ def head_module_names(model: nn.Module, patterns: list[str] | None = None) -> li
             else the first top-level child named head / classifier / score / fc.
 
     Raises:
-        ValueError: explicit patterns match no module.
+        ConfigError: explicit patterns match no module.
     """
-    names = [name for name, _ in model.named_modules() if name]
+    names = [name for name, _ in logical_modules(model) if name]
     if patterns is not None:
         found = [name for name in names if matches_any(name, patterns)]
         if patterns and not found:
-            raise ValueError(f"head_modules={patterns} matches no module of {architecture_name(model)}; "
+            raise ConfigError(f"head_modules={patterns} matches no module of {architecture_name(model)}; "
                              f"top-level modules are: {', '.join(n for n in names if '.' not in n)}.")
         return found
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
@@ -152,8 +222,7 @@ def model_groups(model: nn.Module, head_names: list[str]) -> ModelGroups:
     parameters before the first block as the stem.
     """
     groups = ModelGroups()
-    names = [original_name(name) for name, _ in model.named_parameters()]
-    names = [name for name in names if not name.endswith(".delta")]
+    names = list(base_tensors(model))
     groups.head = [name for name in names if in_modules(name, head_names)]
     body = [name for name in names if name not in set(groups.head)]
     if hasattr(model, "group_matcher"):
@@ -191,21 +260,19 @@ def is_grft_model(model: nn.Module) -> bool:
 def find_target_layers(model: nn.Module, config: GRFTConfig) -> dict[str, nn.Module]:
     """The ``nn.Linear`` / ``nn.Conv2d`` modules that ``config`` targets, by module name.
 
+    On a wrapped model, a wrapped layer is a candidate under its own name and stands for its base layer.
     The head, modules matched by ``exclude_modules`` and the projections owned by
     ``nn.MultiheadAttention`` (which reads their weights directly, bypassing any wrapper) are skipped.
 
     Raises:
-        ValueError: the model already holds GRFT layers, or no layer is targeted.
+        ConfigError: no layer is targeted.
     """
-    if is_grft_model(model):
-        raise ValueError("the model already has GRFT layers; call merge_grft(model) or unload_grft(model) "
-                         "before applying GRFT again.")
     head_names = head_module_names(model, config.head_modules)
     targets = {}
     attention_owned = {f"{name}.{child}" if name else child
                        for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
                        for child, _ in module.named_children()}
-    for name, module in model.named_modules():
+    for name, module in logical_modules(model):
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or in_modules(name, head_names):
             continue
         if not matches_any(name, config.target_modules) or matches_any(name, config.exclude_modules):
@@ -215,7 +282,7 @@ def find_target_layers(model: nn.Module, config: GRFTConfig) -> dict[str, nn.Mod
             continue
         targets[name] = module
     if not targets:
-        raise ValueError(f"no nn.Linear / nn.Conv2d of {architecture_name(model)} matches "
+        raise ConfigError(f"no nn.Linear / nn.Conv2d of {architecture_name(model)} matches "
                          f"target_modules={config.target_modules} minus exclude_modules={config.exclude_modules} "
                          f"(head {head_names} excluded). Check the patterns against model.named_modules().")
     return targets

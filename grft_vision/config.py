@@ -7,12 +7,13 @@ that names the key and the closest valid one, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from .errors import ConfigError, did_you_mean
 
 __all__ = ["GRFTConfig", "STRUCTURES", "SCORES", "ConfigError", "resolve_config", "coerce_numbers"]
 
@@ -20,10 +21,6 @@ STRUCTURES = ("row", "column", "sparse")
 # the importance scores of grft_vision.selection.salience
 SCORES = ("grft", "gradient", "magnitude", "snip", "force", "taylor_fo", "synflow", "grasp", "fisher", "d3",
            "gem", "random")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message says which and what is accepted."""
 
 
 @dataclass
@@ -88,6 +85,12 @@ class GRFTConfig:
     extra_trainable: list[str] = field(
         default_factory=list,
         metadata={"help": "Glob patterns of parameter names to train fully in addition to the rules above."},
+    )
+    autocast_adapter_dtype: bool = field(
+        default=True,
+        metadata={"help": "Keep the adapter's trained tensors fp32 when the model's weights are (or are cast to) "
+                          "bf16/fp16, casting them where used (PEFT's autocast_adapter_dtype); False: follow the "
+                          "model's dtype."},
     )
     # --- selection: SupCon gradients on the lowest-loss subset (paper Alg. 1, §4.4.6) -------------
     score: str = field(
@@ -186,9 +189,8 @@ class GRFTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in values:
             if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"unknown GRFT config key {key!r}.{hint} Valid keys: {', '.join(sorted(known))}.")
+                raise ConfigError(f"unknown GRFT config key {key!r}.{did_you_mean(key, known)} "
+                                  f"Valid keys: {', '.join(sorted(known))}.")
         return cls(**coerce_numbers(cls, values))
 
     @classmethod

@@ -1,32 +1,36 @@
-"""Where the update is applied: wrapper layers that add a compact trainable update to a frozen weight.
+"""Where the update is applied: wrapper layers that add the active adapter's update to a frozen layer.
 
-A wrapper holds the original layer as ``base_layer`` (its weight frozen, never given a gradient), an
-int64 buffer ``indices`` naming the chosen rows / columns / entries, and one trainable parameter
-``delta`` holding exactly the chosen entries (initialised to zero). The effective weight is
-``W + scatter(delta)``, but it is never built during training where a channel form exists:
+A wrapper holds the original layer as ``base_layer`` (its weight and bias frozen, never given a gradient)
+and one :class:`~grft_vision.updates.Update` per adapter in ``grft_updates`` (a ``ModuleDict`` keyed by
+adapter name). Its forward computes the base layer's output and adds the update of the active adapter,
+over the chosen channels only where a channel form exists (see :mod:`grft_vision.updates`); at zero update
+it returns exactly what the base layer returns. Inside :func:`grft_vision.mixed_adapters`, every sample
+gets the update of its own adapter.
 
-==========  ========================  ======================  =================================
-structure   delta shape (linear)      delta shape (conv)      forward
-==========  ========================  ======================  =================================
-row         ``[k, in]``               ``[k, in/g, kh, kw]``   ``y = base(x)``, then ``x @ delta^T``
-                                                              added into the k output features
-column      ``[out, k]``              ``[out/g, k, kh, kw]``  ``y = base(x) + x[..., idx] @ delta^T``
-sparse      ``[out, k]``              ``[out, k]``            linear: a gather of the chosen inputs;
-                                                              conv: materialised (no channel form)
-tap_column  (conv only)               ``[out, k]``            a column of the ``[out, in/g*kh*kw]`` view
-                                                              (one input channel at one tap): a conv
-                                                              over the chosen channels only
-==========  ========================  ======================  =================================
-
-At zero update the wrapped layer returns exactly what the original returns (the update adds zeros).
+Writing into the base weight happens only on request: :meth:`GRFTLayer.merge` folds the active update in,
+and an update's *frozen entries* (changes that no longer train) are kept folded while their adapter is
+active and enabled. What is written is undone exactly: the pre-write values of the touched entries are
+kept (as many values as the update has), so unmerging, switching adapters, disabling and unloading restore
+the pre-trained weight bit for bit, in any dtype. ``state_dict()`` always holds the pre-trained base
+weight (plus the adapters' tensors), so a state dict loaded into a freshly wrapped model never applies an
+update twice.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Any, Iterator
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import Conv2dSame, Linear as TimmLinear
+from timm.layers.conv2d_same import conv2d_same
 from timm.layers.padding import pad_same
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import mixed_batch
+from .errors import AdapterError
+from .updates import Update, create_update
 
 __all__ = ["GRFTLayer", "GRFTLinear", "GRFTConv2d", "wrap_layer"]
 
@@ -34,241 +38,347 @@ _PLAIN_LINEAR_TYPES = (nn.Linear, TimmLinear, nn.modules.linear.NonDynamicallyQu
 _PLAIN_CONV_TYPES = (nn.Conv2d, Conv2dSame)
 
 
-def _update_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Updates are kept in fp32 (or fp64) even when the frozen weight is half precision."""
-    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+def _own_class(module: nn.Module) -> type:
+    """The module's class, seen through the dynamic subclass ``torch.nn.utils.parametrize`` creates."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
 
 
 class GRFTLayer(nn.Module):
-    """Common part of the wrappers: base layer, chosen indices, trainable update, merging.
+    """Common part of the wrappers: base layer, named updates, the active adapter, writing and restoring.
 
     Attributes:
-        base_layer: the wrapped ``nn.Linear`` / ``nn.Conv2d`` (or subclass), weight frozen.
-        structure: 'row', 'column', 'sparse' or (convolutions) 'tap_column'.
-        indices: int64 buffer, ``[k]`` (row, column, tap_column) or ``[out, k]`` (sparse).
-        delta: trainable parameter with exactly the chosen entries, shape given in the module docstring.
+        base_layer: the wrapped ``nn.Linear`` / ``nn.Conv2d`` (or subclass), weight and bias frozen.
+        grft_updates: one :class:`~grft_vision.updates.Update` per adapter name.
+        active_adapter: the adapter whose update the forward adds (None: the base layer alone).
+        disabled: True inside :func:`grft_vision.disable_adapter`: the base layer alone, nothing written.
+        merged: the active update is written into the base weight (the forward adds nothing more).
     """
 
-    def __init__(self, base_layer: nn.Module, structure: str, indices: torch.Tensor) -> None:
+    _plain_types: tuple[type, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.structure = structure
+        base_layer.requires_grad_(False)
+        self.grft_updates = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.merged = False
+        self._plain = _own_class(base_layer) in self._plain_types
+        # what is written into the base weight: (adapter, with its trainable entries?) and the values it replaced
+        self._written: tuple[str, bool] | None = None
         device = base_layer.weight.device
-        base_layer.weight.requires_grad_(False)
-        self.register_buffer("indices", torch.empty(0, dtype=torch.long, device=device))
-        # updates of entries no longer chosen (dynamic schedules): folded into the base weight, recorded as flat
-        # weight positions, values and the pre-trained values there, so that W_pre, adapters, unloading and the
-        # regulariser stay exact
-        self.register_buffer("residue_index", torch.empty(0, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("residue_value", torch.empty(0, dtype=torch.float32, device=device), persistent=False)
-        self.register_buffer("residue_base", torch.empty(0, dtype=base_layer.weight.dtype, device=device),
-                             persistent=False)
-        self.delta = nn.Parameter(torch.empty(0))
-        self.set_indices(indices)
+        self.register_buffer("_written_index", torch.empty(0, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("_written_before", base_layer.weight.new_empty(0), persistent=False)
+        self.register_buffer("_written_bias", base_layer.weight.new_empty(0), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module._sync_written())
 
-    # ------------------------------------------------------------------ layout (per subclass)
-    def _delta_shape(self, count: int) -> tuple[int, ...]:
-        raise NotImplementedError
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, structure: str, indices: torch.Tensor, *, train_bias: bool,
+                    keep_float32: bool = True) -> Update:
+        """Add the update of adapter ``name`` with the given chosen entries (zero at creation)."""
+        base = self.base_layer
+        update = create_update(structure, base.weight, indices, groups=getattr(base, "groups", 1),
+                               train_bias=train_bias and base.bias is not None, keep_float32=keep_float32)
+        self.grft_updates[name] = update
+        return update
 
-    def scatter(self, values: torch.Tensor) -> torch.Tensor:
-        """A dense tensor of the weight's shape holding ``values`` (``delta``'s layout) at the chosen entries."""
-        raise NotImplementedError
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``'s update (restoring whatever of it is written)."""
+        if self._written is not None and self._written[0] == name:
+            self._restore()
+        del self.grft_updates[name]
+        if self.active_adapter == name:
+            self.active_adapter, self.merged = None, False
 
-    def delta_weight(self) -> torch.Tensor:
-        """The update as a dense tensor of the weight's shape (zeros outside the chosen entries)."""
-        return self.scatter(self.delta)
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` the active adapter (None, or a name this layer has no update for: the base layer)."""
+        if name != self.active_adapter:
+            self.active_adapter, self.merged = name, False
+            self._sync_written()
 
-    def extract(self, dense: torch.Tensor) -> torch.Tensor:
-        """The entries of a weight-shaped tensor that the update covers, in ``delta``'s layout.
+    def set_disabled(self, disabled: bool) -> None:
+        """Compute the base layer alone (True) or add the active update again (False)."""
+        self.disabled = disabled
+        self._sync_written()
 
-        The adjoint of :meth:`scatter`: ``extract(scatter(values)) == values``. Used to read the slice of a
-        dense gradient or of a dense weight difference that corresponds to this update.
-        """
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------ shared behaviour
-    def set_indices(self, indices: torch.Tensor) -> None:
-        """Choose new entries and reset the update to zero (merge first to keep a trained update)."""
-        weight = self.base_layer.weight
-        indices = indices.to(device=weight.device, dtype=torch.long)
-        count = indices.shape[-1]
-        self.indices = indices
-        self.delta = nn.Parameter(torch.zeros(self._delta_shape(count), dtype=_update_dtype(weight),
-                                              device=weight.device))
-        self._distance_cache = None
-        self._on_indices_changed()
-
-    def _on_indices_changed(self) -> None:
-        """Hook for subclasses that precompute index tensors from ``indices``."""
-
-    def _flat_positions(self) -> torch.Tensor:
-        """Flat positions in the weight of the update's entries, in ``delta``'s layout (int64)."""
-        weight = self.base_layer.weight
-        return self.extract(torch.arange(weight.numel(), device=weight.device).view(weight.shape))
-
-    def reselect(self, indices: torch.Tensor, *, keep: bool) -> torch.Tensor:
-        """Move the update to newly chosen entries (dynamic and incremental schedules).
-
-        Args:
-            indices: the new chosen entries (same structure).
-            keep: True (incremental): entries chosen before and now keep their value. False (dynamic, as
-                SPEFT): the whole update is first folded into the weight (and recorded as residue) and the new
-                update starts from zero.
-
-        Returns:
-            For every entry of the new update (flattened), its position in the old flattened update, or -1.
-            Used to carry optimizer state over.
-        """
-        old_positions = self.scatter(torch.arange(1, self.delta.numel() + 1, device=self.delta.device)
-                                     .view(self.delta.shape)) - 1
-        old_values = self.delta.detach().flatten()
-        if not keep:
-            self.add_residue(self._flat_positions().flatten(), old_values)
-        self.set_indices(indices)
-        mapping = self.extract(old_positions).flatten()
-        if keep:
-            with torch.no_grad():
-                kept = mapping >= 0
-                self.delta.view(-1)[kept] = old_values[mapping[kept]]
-        return mapping
-
-    def add_residue(self, flat: torch.Tensor, values: torch.Tensor) -> None:
-        """Add a sparse change (flat weight positions, values) to the recorded residue and to the base weight.
-
-        The weight at a residue position is always ``pre-trained value + total residue`` computed afresh, so
-        the result does not depend on how the residue was accumulated (a resumed run matches bit for bit).
-        """
-        weight = self.base_layer.weight.data.view(-1)
-        flat, values = flat.to(weight.device), values.to(weight.device, torch.float32)
-        known = len(self.residue_index)
-        index, inverse = torch.unique(torch.cat([self.residue_index, flat]), return_inverse=True)
-        summed = torch.zeros(len(index), device=weight.device).index_add_(0, inverse,
-                                                                          torch.cat([self.residue_value, values]))
-        base = torch.empty(len(index), dtype=weight.dtype, device=weight.device)
-        base[inverse[known:]] = weight[flat]  # pre-trained where new ...
-        base[inverse[:known]] = self.residue_base  # ... and as recorded where already changed
-        weight[index] = (base.float() + summed).to(weight.dtype)
-        self.residue_index, self.residue_value, self.residue_base = index, summed, base
-        self._distance_cache = None
-
-    def distance_terms(self) -> tuple[torch.Tensor | None, float]:
-        """``(residue at the update's entries in delta's layout, sum of squares of the rest of the residue)``.
-
-        ``W - W_pre`` is ``residue + scatter(delta)``, so ``||W - W_pre||^2`` is
-        ``||delta + residue_at_delta||^2 + rest``. Without residue: ``(None, 0.0)``. Cached until the
-        entries or the residue change.
-        """
-        if self.residue_index.numel() == 0:
-            return None, 0.0
-        if self._distance_cache is None:
-            flat = self._flat_positions()
-            position = torch.searchsorted(self.residue_index, flat).clamp(max=len(self.residue_index) - 1)
-            found = self.residue_index[position] == flat
-            at_delta = torch.where(found, self.residue_value[position], torch.zeros((), device=flat.device))
-            rest = float(self.residue_value.pow(2).sum() - at_delta.pow(2).sum())
-            self._distance_cache = (at_delta, rest)
-        return self._distance_cache
-
-    def pristine_weight(self) -> torch.Tensor:
-        """The base weight without the residue: exactly the pre-trained weight."""
-        weight = self.base_layer.weight.detach()
-        if self.residue_index.numel() == 0:
-            return weight
-        pristine = weight.clone()
-        pristine.view(-1)[self.residue_index] = self.residue_base
-        return pristine
+    def set_frozen(self, name: str, index: torch.Tensor, value: torch.Tensor) -> None:
+        """Replace adapter ``name``'s frozen entries (see :meth:`Update.set_frozen`) and rewrite them."""
+        self._restore()
+        self.grft_updates[name].set_frozen(index, value)
+        self._sync_written()
 
     @property
+    def update(self) -> Update | None:
+        """The active adapter's update, or None."""
+        name = self.active_adapter
+        return self.grft_updates[name] if name is not None and name in self.grft_updates else None
+
+    def _active(self) -> Update:
+        update = self.update
+        if update is None:
+            raise AdapterError(f"this layer has no active adapter (adapters: {list(self.grft_updates)}); "
+                               "call grft_vision.set_adapter(model, name) first.")
+        return update
+
+    # the active update's tensors and layout, as the single-adapter API exposed them
+    @property
+    def delta(self) -> nn.Parameter:
+        return self._active().delta
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self._active().indices
+
+    @property
+    def structure(self) -> str:
+        return self._active().structure
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        return self._active().scatter(values)
+
+    def extract(self, dense: torch.Tensor) -> torch.Tensor:
+        return self._active().extract(dense)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self._active().delta_weight()
+
+    # ------------------------------------------------------------------ writing into the base weight
+    def _wanted_written(self) -> tuple[str, bool] | None:
+        update = self.update
+        if update is None or self.disabled:
+            return None
+        if self.merged:
+            return self.active_adapter, True
+        return (self.active_adapter, False) if update.frozen_index.numel() else None
+
+    def _written_values(self, name: str, trainable: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(unique flat positions, new weight values there, new bias or None)`` of writing an update."""
+        update = self.grft_updates[name]
+        weight = self.base_layer.weight.detach()
+        positions, values = update.written_entries(trainable)
+        index, inverse = torch.unique(positions, return_inverse=True)
+        summed = torch.zeros(len(index), dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32,
+                             device=weight.device).index_add_(0, inverse, values.to(weight.device))
+        before = self._pristine_entries(index)
+        new_weight = (before.to(summed.dtype) + summed).to(weight.dtype)
+        new_bias = None
+        if trainable and update.bias_delta is not None:
+            bias = self.base_layer.bias.detach()
+            new_bias = (bias.to(summed.dtype) + update.bias_delta.detach().to(summed.dtype)).to(bias.dtype)
+        return index, new_weight, new_bias
+
+    def _pristine_entries(self, index: torch.Tensor) -> torch.Tensor:
+        return self.pristine_weight().reshape(-1)[index].clone()
+
+    def check_finite(self, name: str, where: str) -> None:
+        """Raise :class:`AdapterError` naming ``where`` if merging adapter ``name`` gives NaN/inf weights."""
+        _, new_weight, new_bias = self._written_values(name, trainable=True)
+        if not torch.isfinite(new_weight).all() or (new_bias is not None and not torch.isfinite(new_bias).all()):
+            raise AdapterError(f"merging adapter {name!r} gives non-finite weights in layer {where!r}; its update "
+                               "holds NaN/inf (the run diverged?). Nothing was merged.")
+
+    def _write(self, name: str, trainable: bool) -> None:
+        index, new_weight, new_bias = self._written_values(name, trainable)
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            self._written_index = index
+            self._written_before = weight.reshape(-1)[index].clone()
+            weight.view(-1)[index] = new_weight
+            if new_bias is not None:
+                self._written_bias = self.base_layer.bias.detach().clone()
+                self.base_layer.bias.copy_(new_bias)
+        self._written = (name, trainable)
+
+    def _restore(self) -> None:
+        """Put back the values the written update replaced (exactly)."""
+        if self._written is None:
+            return
+        with torch.no_grad():
+            self.base_layer.weight.view(-1)[self._written_index] = self._written_before
+            if self._written_bias.numel():
+                self.base_layer.bias.copy_(self._written_bias)
+        self._written = None
+        self._written_index = self._written_index[:0]
+        self._written_before, self._written_bias = self._written_before[:0], self._written_bias[:0]
+
+    def _sync_written(self) -> None:
+        """Make what is written match the state (active, disabled, merged, frozen entries)."""
+        wanted = self._wanted_written()
+        if wanted != self._written:
+            self._restore()
+            if wanted is not None:
+                self._write(*wanted)
+
+    @contextmanager
+    def unwritten(self) -> Iterator[None]:
+        """A context in which nothing is written into the base weight (to change an update safely); on exit
+        the base weight holds again what the state asks for."""
+        self._restore()
+        try:
+            yield
+        finally:
+            self._sync_written()
+
+    def merge(self) -> None:
+        """Write the active update into the base weight (merging twice is a no-op)."""
+        self._active()
+        self.merged = True
+        self._sync_written()
+
+    def unmerge(self) -> None:
+        """Take the active update out of the base weight again; the base weight is restored bit for bit."""
+        self.merged = False
+        self._sync_written()
+
+    def pristine_weight(self) -> torch.Tensor:
+        """The pre-trained base weight, whatever is written into it (a copy when something is)."""
+        weight = self.base_layer.weight.detach()
+        if self._written is None:
+            return weight
+        pristine = weight.clone()
+        pristine.view(-1)[self._written_index] = self._written_before
+        return pristine
+
+    def pristine_bias(self) -> torch.Tensor | None:
+        bias = self.base_layer.bias
+        if bias is None or not self._written_bias.numel():
+            return None if bias is None else bias.detach()
+        return self._written_bias.clone()
+
+    def detach_base(self, merge: bool) -> nn.Module:
+        """The base layer to put back in the model: with the active update merged, or exactly pre-trained."""
+        if merge and self.update is not None and not self.disabled:
+            self.merged = True
+            self._sync_written()
+        else:
+            self._restore()
+        self._written = None  # whatever is written stays: the layer leaves the wrapper
+        return self.base_layer
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        destination = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self._written is not None:  # the pre-trained values, never the written ones
+            destination[prefix + "base_layer.weight"] = self.pristine_weight()
+            if self.base_layer.bias is not None:
+                destination[prefix + "base_layer.bias"] = self.pristine_bias()
+        return destination
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self._restore()  # loads into the pre-trained weight; the post hook writes what the new state wants
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ forward
+    @property
     def weight(self) -> torch.Tensor:
-        """The effective weight ``W + delta_weight()``, for code that reads ``layer.weight`` directly.
+        """The effective weight of the active adapter, for code that reads ``layer.weight`` directly.
 
         Materialises a dense tensor; the wrapper's own forward never calls this on the channel paths.
         """
         base = self.base_layer.weight
-        return base + self.delta_weight().to(base.dtype)
+        update = self._update_read_directly("weight")
+        return base if update is None else base + update.delta_weight().to(base.dtype)
 
-    def merge(self) -> nn.Module:
-        """Fold the update into the base weight in place and return the (now plain) base layer.
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The effective bias of the active adapter (base bias plus its bias delta)."""
+        base = self.base_layer.bias
+        update = self._update_read_directly("bias")
+        if base is None or update is None or update.bias_delta is None:
+            return base
+        return base + update.bias_delta.to(base.dtype)
 
-        With a half-precision base weight the sum is rounded to that precision.
-        """
-        with torch.no_grad():
-            weight = self.base_layer.weight
-            weight.add_(self.delta_weight().to(weight.dtype))
-        return self.base_layer
+    def _update_read_directly(self, name: str) -> Update | None:
+        """The update behind a direct read of ``weight`` / ``bias``: the live one, or a uniform batch's adapter."""
+        batch = mixed_batch.current()
+        if batch is None:
+            return self._live_update()
+        if not batch.uniform:
+            raise AdapterError(f"the model reads this layer's {name} directly (bypassing its forward), so a batch of "
+                               "mixed adapters cannot give each sample its own update; run one adapter at a time.")
+        return self._group_update(batch.names[0])
 
-    def unload(self) -> nn.Module:
-        """Return the base layer with its pre-trained weight (any residue removed), discarding the update."""
-        if self.residue_index.numel():
-            with torch.no_grad():
-                self.base_layer.weight.copy_(self.pristine_weight())
-            self.residue_index, self.residue_value = self.residue_index[:0], self.residue_value[:0]
-            self.residue_base = self.residue_base[:0]
-            self._distance_cache = None
-        return self.base_layer
+    def _live_update(self) -> Update | None:
+        """The update the forward adds: active, enabled, not merged; None otherwise."""
+        update = self.update
+        if update is None or self.disabled or self.merged:
+            return None
+        return update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.delta.numel() == 0:  # nothing chosen (yet): the base layer alone
-            return self.base_layer(x)
-        if not self._channel_form:  # the base layer's own forward with the materialised effective weight
-            return torch.func.functional_call(self.base_layer, {"weight": self.weight}, (x,))
-        return self._channel_forward(x)
+        batch = mixed_batch.current()
+        if batch is not None:
+            return self._mixed_forward(x, batch)
+        update = self._live_update()
+        return self.base_layer(x) if update is None else self._forward_with(update, x)
 
-    def _channel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The base layer's output plus the update, computed over the chosen channels only.
+    def _forward_with(self, update: Update, x: torch.Tensor) -> torch.Tensor:
+        """The base output plus ``update``'s contribution (bias delta included)."""
+        if not (self._plain and update.channel_form):  # the base's own forward with the materialised weight
+            weight = self.base_layer.weight
+            tensors = {"weight": weight + update.delta_weight().to(weight.dtype)}
+            if update.bias_delta is not None:
+                tensors["bias"] = self.base_layer.bias + update.bias_delta.to(weight.dtype)
+            return torch.func.functional_call(self.base_layer, tensors, (x,))
+        if update.bias_delta is None:
+            y = self.base_layer(x)
+        else:
+            y = self._base_forward(x, self.base_layer.bias + update.bias_delta.to(self.base_layer.bias.dtype))
+        return update.add_to(y, x, self._conv) if update.delta.numel() else y
 
-        The update is added into the base output in place: no layer saves its own output for backward, and
-        a fresh output-sized tensor per wrapped layer is the largest avoidable cost of a training step.
-        """
+    def _mixed_forward(self, x: torch.Tensor, batch: "mixed_batch.AdapterBatch") -> torch.Tensor:
+        """Every row of ``x`` with its own adapter's update: the base output once, then each adapter's part."""
+        groups = batch.groups(x.shape[0], x.device)
+        if len(groups) == 1:
+            update = self._group_update(groups[0][0])
+            return self.base_layer(x) if update is None else self._forward_with(update, x)
+        y = self.base_layer(x)
+        for name, rows in groups:
+            update = self._group_update(name)
+            if update is None:
+                continue
+            inputs = x.index_select(0, rows)
+            if self._plain and update.channel_form:
+                part = y.index_select(0, rows)
+                part = update.add_bias_to(part) if update.bias_delta is not None else part
+                part = update.add_to(part, inputs, self._conv) if update.delta.numel() else part
+            else:
+                part = self._forward_with(update, inputs)
+            y = y.index_copy(0, rows, part)
+        return y
+
+    def _group_update(self, name: str | None) -> Update | None:
+        if self.merged or self._written is not None:
+            raise AdapterError("a batch of mixed adapters needs every adapter unmerged and without frozen entries; "
+                               "call grft_vision.unmerge_adapter(model) first.")
+        return self.grft_updates[name] if name is not None and name in self.grft_updates else None
+
+    def _base_forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
         raise NotImplementedError
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_layer":
+            if name in ("base_layer", "grft_updates"):
                 raise
             return getattr(self.base_layer, name)
 
     def extra_repr(self) -> str:
-        return f"structure={self.structure}, k={self.indices.shape[-1]}, delta={tuple(self.delta.shape)}"
+        return f"active_adapter={self.active_adapter!r}, merged={self.merged}"
 
 
 class GRFTLinear(GRFTLayer):
     """GRFT wrapper of an ``nn.Linear`` (weight ``[out, in]``); input ``[..., in]``, output ``[..., out]``."""
 
-    def __init__(self, base_layer: nn.Linear, structure: str, indices: torch.Tensor) -> None:
-        super().__init__(base_layer, structure, indices)
-        self._channel_form = type(base_layer) in _PLAIN_LINEAR_TYPES
+    _plain_types = _PLAIN_LINEAR_TYPES
 
-    def _delta_shape(self, count: int) -> tuple[int, ...]:
-        out_features, in_features = self.base_layer.weight.shape
-        return (count, in_features) if self.structure == "row" else (out_features, count)
-
-    def scatter(self, values: torch.Tensor) -> torch.Tensor:
-        dense = values.new_zeros(self.base_layer.weight.shape)
-        if self.structure == "row":
-            return dense.index_copy(0, self.indices, values)
-        if self.structure == "column":
-            return dense.index_copy(1, self.indices, values)
-        return dense.scatter(1, self.indices, values)
-
-    def extract(self, dense: torch.Tensor) -> torch.Tensor:
-        if self.structure == "row":
-            return dense.index_select(0, self.indices)
-        if self.structure == "column":
-            return dense.index_select(1, self.indices)
-        return dense.gather(1, self.indices)
-
-    def _channel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        delta = self.delta.to(x.dtype)
-        if self.structure == "row":
-            return y.index_add_(-1, self.indices, F.linear(x, delta).to(y.dtype))
-        if self.structure == "column":
-            return y.add_(F.linear(x.index_select(-1, self.indices), delta).to(y.dtype))
-        # sparse: x[..., indices] is [..., out, k]; each output sums its own k chosen inputs
-        return y.add_(torch.einsum("...ok,ok->...o", x[..., self.indices], delta).to(y.dtype))
+    def _base_forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.base_layer.weight, bias)
 
 
 class GRFTConv2d(GRFTLayer):
@@ -280,69 +390,13 @@ class GRFTConv2d(GRFTLayer):
     the materialised effective weight.
     """
 
-    def __init__(self, base_layer: nn.Conv2d, structure: str, indices: torch.Tensor) -> None:
-        super().__init__(base_layer, structure, indices)
-        grouped_taps = structure == "tap_column" and base_layer.groups > 1
-        self._channel_form = type(base_layer) in _PLAIN_CONV_TYPES and structure != "sparse" and not grouped_taps
+    _plain_types = _PLAIN_CONV_TYPES
 
-    @property
-    def _group_sizes(self) -> tuple[int, int, int]:
-        """(groups, output channels per group, input channels per group)."""
+    def _base_forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        return base.groups, base.out_channels // base.groups, base.in_channels // base.groups
-
-    def _delta_shape(self, count: int) -> tuple[int, ...]:
-        out_channels, in_per_group, kh, kw = self.base_layer.weight.shape
-        if self.structure == "row":
-            return (count, in_per_group, kh, kw)
-        if self.structure == "column":
-            return (out_channels // self.base_layer.groups, count, kh, kw)
-        return (out_channels, count)  # sparse, tap_column
-
-    def _on_indices_changed(self) -> None:
-        groups, out_per_group, in_per_group = self._group_sizes
-        if self.structure == "row":  # input channels read by each chosen output channel
-            first = (self.indices // out_per_group) * in_per_group
-            channels = first[:, None] + torch.arange(in_per_group, device=first.device)
-            self.register_buffer("_gather_channels", channels.reshape(-1), persistent=False)
-        elif self.structure == "column":  # output channels written by each chosen input channel
-            first = (self.indices // in_per_group) * out_per_group
-            channels = first[:, None] + torch.arange(out_per_group, device=first.device)
-            self.register_buffer("_scatter_channels", channels.reshape(-1), persistent=False)
-        elif self.structure == "tap_column":  # the input channels read, and each entry's slot among their taps
-            taps = self.base_layer.kernel_size[0] * self.base_layer.kernel_size[1]
-            channels, position = torch.unique(self.indices // taps, sorted=True, return_inverse=True)
-            self.register_buffer("_tap_channels", channels, persistent=False)
-            self.register_buffer("_tap_slots", position * taps + self.indices % taps, persistent=False)
-
-    def _column_view(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``dense`` viewed as ``[groups, out/g, in/g, kh, kw]`` plus the (group, local channel) of each index."""
-        groups, out_per_group, in_per_group = self._group_sizes
-        view = dense.reshape(groups, out_per_group, in_per_group, *dense.shape[2:])
-        return view, self.indices // in_per_group, self.indices % in_per_group
-
-    def scatter(self, values: torch.Tensor) -> torch.Tensor:
-        shape = self.base_layer.weight.shape
-        dense = values.new_zeros(shape)
-        if self.structure == "row":
-            return dense.index_copy(0, self.indices, values)
-        if self.structure == "sparse":
-            return dense.reshape(shape[0], -1).scatter(1, self.indices, values).reshape(shape)
-        if self.structure == "tap_column":
-            return dense.reshape(shape[0], -1).index_copy(1, self.indices, values).reshape(shape)
-        view, group, local = self._column_view(dense)
-        view[group, :, local] = values.transpose(0, 1)  # advanced indices first: [k, out/g, kh, kw]
-        return view.reshape(shape)
-
-    def extract(self, dense: torch.Tensor) -> torch.Tensor:
-        if self.structure == "row":
-            return dense.index_select(0, self.indices)
-        if self.structure == "sparse":
-            return dense.reshape(dense.shape[0], -1).gather(1, self.indices)
-        if self.structure == "tap_column":
-            return dense.reshape(dense.shape[0], -1).index_select(1, self.indices)
-        view, group, local = self._column_view(dense)
-        return view[group, :, local].transpose(0, 1)
+        if isinstance(base, Conv2dSame):
+            return conv2d_same(x, base.weight, bias, base.stride, base.padding, base.dilation, base.groups)
+        return base._conv_forward(x, base.weight, bias)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
         """A bias-free convolution with the base layer's stride, padding (mode) and dilation."""
@@ -354,34 +408,18 @@ class GRFTConv2d(GRFTLayer):
             x, padding = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode), 0
         return F.conv2d(x, weight, None, base.stride, padding, base.dilation, groups)
 
-    def _channel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        delta = self.delta.to(x.dtype)
-        count = self.indices.shape[0]
-        groups = self.base_layer.groups
-        if self.structure == "row":
-            if groups == 1:
-                update = self._conv(x, delta, 1)
-            else:
-                update = self._conv(x.index_select(1, self._gather_channels), delta, count)
-            return y.index_add_(1, self.indices, update.to(y.dtype))
-        if self.structure == "tap_column":  # a small kernel over the chosen channels, zero but at the chosen taps
-            out_channels, _, kh, kw = self.base_layer.weight.shape
-            kernel = delta.new_zeros(out_channels, len(self._tap_channels) * kh * kw)
-            kernel = kernel.index_copy(1, self._tap_slots, delta).reshape(out_channels, -1, kh, kw)
-            return y.add_(self._conv(x.index_select(1, self._tap_channels), kernel, 1).to(y.dtype))
-        chosen = x.index_select(1, self.indices)
-        if groups == 1:
-            return y.add_(self._conv(chosen, delta, 1).to(y.dtype))
-        kh, kw = delta.shape[-2:]
-        weight = delta.transpose(0, 1).reshape(-1, 1, kh, kw)  # [k * out/g, 1, kh, kw]
-        return y.index_add_(1, self._scatter_channels, self._conv(chosen, weight, count).to(y.dtype))
 
-
-def wrap_layer(layer: nn.Module, structure: str, indices: torch.Tensor) -> GRFTLayer:
-    """Wrap one ``nn.Linear`` or ``nn.Conv2d`` (subclasses included) with the given chosen indices."""
+def wrap_layer(layer: nn.Module) -> GRFTLayer:
+    """Wrap one ``nn.Linear`` or ``nn.Conv2d`` (subclasses included); it holds no adapter yet."""
     if isinstance(layer, nn.Linear):
-        return GRFTLinear(layer, structure, indices)
+        return GRFTLinear(layer)
     if isinstance(layer, nn.Conv2d):
-        return GRFTConv2d(layer, structure, indices)
+        return GRFTConv2d(layer)
     raise TypeError(f"GRFT wraps nn.Linear and nn.Conv2d layers, not {type(layer).__name__}.")
+
+
+def grft_layers(model: nn.Module) -> Iterator[tuple[str, GRFTLayer]]:
+    """Yield ``(module name, wrapper)`` for every GRFT wrapper in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, GRFTLayer):
+            yield name, module

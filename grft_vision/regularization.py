@@ -2,12 +2,16 @@
 
 The regularised set R is the last L blocks (stages, for hierarchical models) plus the stem (patch
 embedding) plus the head, or every trainable tensor when L is ``'all'`` (Tables 6/7, "Regular Layer
-Number"). Frozen tensors contribute nothing, so only trainable tensors are visited:
+Number"). Frozen tensors contribute nothing, so only the adapter's trained tensors are visited:
 
-- a GRFT update ``delta`` stores ``W - W_pre`` on its entries, so its term is ``||delta||^2`` (plus, after
-  dynamic re-selections, the residue of entries chosen earlier: see ``GRFTLayer.distance_terms``);
-- a fully trainable tensor (head, bias, LayerScale) is compared with a copy of its value taken when the
-  regulariser is built (for the head: its initialisation, as in the paper).
+- an update stores ``W - W_pre`` on its entries (``delta``, frozen entries included) and ``b - b_pre``
+  (``bias_delta``), so its term is their squared norm (:meth:`~grft_vision.updates.Update.squared_distance`);
+- a tensor the adapter trains in full (head, LayerScale, ...) is compared with its pre-trained value, which
+  its owner keeps (:mod:`grft_vision.owned_tensors`); for the head that is its initialisation, as in the
+  paper. A head of another shape than the model's is compared with its value when the regulariser is built.
+
+On a model without adapters (full fine-tuning and linear-probe baselines), every trainable parameter is
+compared with a copy of its value taken when the regulariser is built.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from torch import nn
 
 from .anatomy import grft_layers, head_module_names, model_groups, original_name
 from .config import GRFTConfig
-from .layers import GRFTLayer
+from .owned_tensors import AdapterTensor, owned_tensors
+from .updates import Update
 
 __all__ = ["L2ToPretrained", "regularized_names"]
 
@@ -31,54 +36,60 @@ def regularized_names(model: nn.Module, blocks: int | str, head_names: list[str]
 
 
 class L2ToPretrained:
-    """Callable returning the L2-to-pretrained penalty of a wrapped model (a scalar tensor).
-
-    Build it after :func:`~grft_vision.apply_grft` and before loading any trained values (e.g. when
-    resuming), so that the reference copies hold the pre-trained / initial values.
+    """Callable returning the L2-to-pretrained penalty of the active adapter of a wrapped model (a scalar).
 
     Args:
-        model: the wrapped model.
+        model: the wrapped model (or a plain model whose trainable parameters are regularised).
         config: supplies ``reg_lambda`` (lambda) and ``reg_blocks`` (L or 'all').
     """
 
     def __init__(self, model: nn.Module, config: GRFTConfig) -> None:
         self.weight = float(config.reg_lambda)
         in_set = regularized_names(model, config.reg_blocks, head_module_names(model, config.head_modules))
-        self.layers: list[GRFTLayer] = []  # read at call time: schedules may replace their deltas
+
+        def regularised(name: str) -> bool:
+            return in_set is None or name in in_set
+
+        state = getattr(model, "grft_state", None)
+        adapter = state.active if state is not None else None
         self.names: list[str] = []
-        delta_ids = set()
+        # updates and owned tensors are read at call time: schedules and loads may replace their tensors
+        self.weights: list[Update] = []
+        self.biases: list[Update] = []
         for name, layer in grft_layers(model):
-            delta_ids.add(id(layer.delta))
-            if layer.delta.requires_grad and (in_set is None or f"{name}.weight" in in_set):
-                self.layers.append(layer)
+            update = layer.grft_updates[adapter] if adapter in layer.grft_updates else None
+            if update is not None and regularised(f"{name}.weight"):
+                self.weights.append(update)
                 self.names.append(f"{name}.delta")
-        self.tensors: list[torch.Tensor] = []
-        self.references: list[torch.Tensor] = []
-        for name, param in model.named_parameters():
-            if id(param) in delta_ids or not param.requires_grad:
-                continue
-            if in_set is None or original_name(name) in in_set:
-                self.tensors.append(param)
-                self.references.append(param.detach().clone())
-                self.names.append(original_name(name))
+            if update is not None and update.bias_delta is not None and regularised(f"{name}.bias"):
+                self.biases.append(update)
+                self.names.append(f"{name}.bias_delta")
+        self.owned: list[tuple[AdapterTensor, str, torch.Tensor | None]] = []  # (parametrization, adapter, reference)
+        for name, owner, tensor_name, parametrization in owned_tensors(model):
+            if adapter in parametrization.adapters and not parametrization.is_buffer and regularised(name):
+                value, original = parametrization.adapters[adapter], owner.parametrizations[tensor_name].original
+                reference = original if value.shape == original.shape else value.detach().clone()
+                self.owned.append((parametrization, adapter, reference))
+                self.names.append(name)
+        self.plain: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if state is None:
+            for name, param in model.named_parameters():
+                if param.requires_grad and regularised(original_name(name)):
+                    self.plain.append((param, param.detach().clone()))
+                    self.names.append(original_name(name))
 
     @property
     def enabled(self) -> bool:
         """False when lambda is 0 or R holds no trainable tensor (the penalty is then skipped)."""
-        return self.weight > 0 and bool(self.layers or self.tensors)
-
-    @staticmethod
-    def _distance(layer: GRFTLayer) -> torch.Tensor:
-        """``||W - W_pre||^2`` of a wrapped weight: ``||delta||^2``, plus any residue of earlier entries."""
-        at_delta, rest = layer.distance_terms()
-        update = layer.delta.float() if at_delta is None else layer.delta.float() + at_delta
-        return update.pow(2).sum() + rest
+        return self.weight > 0 and bool(self.weights or self.biases or self.owned or self.plain)
 
     def __call__(self) -> torch.Tensor:
-        """``lambda * (sum ||W - W_pre||^2 + sum ||p - p_ref||^2)`` over R, differentiable, fp32."""
+        """``lambda * (sum ||W - W_pre||^2 + sum ||p - p_pre||^2)`` over R, differentiable, fp32."""
         if not self.enabled:
             return torch.zeros(())
-        total = sum(self._distance(layer) for layer in self.layers)
-        total = total + sum((param.float() - ref.float()).pow(2).sum()
-                            for param, ref in zip(self.tensors, self.references))
-        return self.weight * total
+        terms = [update.squared_distance() for update in self.weights]
+        terms += [update.bias_delta.float().pow(2).sum() for update in self.biases]
+        terms += [(parametrization.adapters[adapter].float() - reference.float()).pow(2).sum()
+                  for parametrization, adapter, reference in self.owned]
+        terms += [(param.float() - reference.float()).pow(2).sum() for param, reference in self.plain]
+        return self.weight * sum(terms)

@@ -1,9 +1,11 @@
-"""Which tensors train, and how many parameters that is.
+"""Which tensors an adapter trains, and how many parameters that is.
 
 The trainable set follows the GRFT/GPS convention (``shared/reference/benchmark-protocols.md`` §3) with
 each rule a :class:`~grft_vision.config.GRFTConfig` switch: the chosen entries of every targeted weight
-(``delta``), the biases of targeted layers, the classification head and LayerScale gammas train; norms,
-position embeddings and class tokens stay frozen.
+(``delta``), the biases of targeted layers (``bias_delta``), the classification head and LayerScale gammas
+train; norms, position embeddings and class tokens stay frozen. Every tensor trained in full is owned by
+the adapter (:mod:`grft_vision.owned_tensors`), as are the running statistics of BatchNorm layers (they
+change in train mode even when the layer is frozen): the pre-trained values are never overwritten.
 """
 from __future__ import annotations
 
@@ -12,16 +14,17 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from .anatomy import grft_layers, in_modules, is_norm, matches_any, original_name
+from .anatomy import base_tensors, grft_layers, in_modules, is_norm, logical_tensors, matches_any
 from .config import GRFTConfig
-from .layers import GRFTLayer
+from .owned_tensors import owned_tensors
 
-__all__ = ["mark_trainable", "LayerReport", "TrainableReport", "trainable_parameters_report",
-           "print_trainable_parameters"]
+__all__ = ["fully_trained_tensors", "tracked_statistics", "set_trainable", "adapter_parameters", "LayerReport",
+           "TrainableReport", "trainable_parameters_report", "print_trainable_parameters"]
 
 _POS_EMBED_NAMES = ("pos_embed", "absolute_pos_embed")
 _TOKEN_NAMES = ("cls_token", "reg_token", "dist_token")
 _LAYER_SCALE = re.compile(r"gamma(_\d+)?")
+_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _fully_trainable(module: nn.Module, module_name: str, param_name: str, config: GRFTConfig,
@@ -37,28 +40,54 @@ def _fully_trainable(module: nn.Module, module_name: str, param_name: str, confi
     if config.train_layer_scale and _LAYER_SCALE.fullmatch(param_name) and not is_norm(module):
         return True
     full_name = f"{module_name}.{param_name}" if module_name else param_name
-    return matches_any(original_name(full_name), config.extra_trainable)
+    return matches_any(full_name, config.extra_trainable)
 
 
-def mark_trainable(model: nn.Module, config: GRFTConfig, head_names: list[str]) -> None:
-    """Set ``requires_grad`` on every parameter of a wrapped model according to ``config``.
+def fully_trained_tensors(model: nn.Module, config: GRFTConfig,
+                          head_names: list[str]) -> list[tuple[str, nn.Module, str]]:
+    """``(module name, owner module, parameter name)`` of every parameter ``config`` trains in full.
+
+    Parameters of wrapped layers are never trained in full (their biases train as ``bias_delta``).
+    """
+    return [(module_name, module, name) for module_name, module, name, is_buffer in logical_tensors(model)
+            if not is_buffer and _fully_trainable(module, module_name, name, config, head_names)]
+
+
+def tracked_statistics(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(module name, BatchNorm module, buffer name)`` of every running statistic of the model."""
+    return [(module_name, module, name) for module_name, module, name, is_buffer in logical_tensors(model)
+            if is_buffer and isinstance(module, nn.modules.batchnorm._BatchNorm) and name in _STAT_BUFFERS]
+
+
+def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """The parameters adapter ``adapter_name`` trains, by readable name.
+
+    Keys: ``<layer>.delta`` and ``<layer>.bias_delta`` of its updates, and the original names of the
+    tensors it trains in full (``head.weight``, ``blocks.0.ls1.gamma``, ...).
+    """
+    parameters: dict[str, nn.Parameter] = {}
+    for name, layer in grft_layers(model):
+        update = layer.grft_updates[adapter_name] if adapter_name in layer.grft_updates else None
+        if update is not None:
+            parameters[f"{name}.delta"] = update.delta
+            if update.bias_delta is not None:
+                parameters[f"{name}.bias_delta"] = update.bias_delta
+    for name, _, _, parametrization in owned_tensors(model):
+        if not parametrization.is_buffer and adapter_name in parametrization.adapters:
+            parameters[name] = parametrization.adapters[adapter_name]
+    return parameters
+
+
+def set_trainable(model: nn.Module, adapter_name: str | None) -> None:
+    """``requires_grad`` True for exactly the parameters of ``adapter_name`` (None: nothing trains).
 
     Frozen tensors get ``requires_grad=False``, so autograd never computes a gradient for them and an
     optimizer built from ``filter(lambda p: p.requires_grad, model.parameters())`` holds no state for them.
     """
     model.requires_grad_(False)
-    wrapped = []
-    for name, layer in grft_layers(model):
-        wrapped.append(name)
-        layer.delta.requires_grad_(True)
-        if config.train_bias and layer.base_layer.bias is not None:
-            layer.base_layer.bias.requires_grad_(True)
-    for module_name, module in model.named_modules():
-        if isinstance(module, GRFTLayer) or in_modules(module_name, wrapped):
-            continue
-        for param_name, param in module.named_parameters(recurse=False):
-            if _fully_trainable(module, module_name, param_name, config, head_names):
-                param.requires_grad_(True)
+    if adapter_name is not None:
+        for param in adapter_parameters(model, adapter_name).values():
+            param.requires_grad_(True)
 
 
 @dataclass
@@ -79,7 +108,8 @@ class TrainableReport:
     """Trainable vs total parameters of a model, with a per-layer table.
 
     ``total`` counts the parameters of the base model (GRFT updates are not extra capacity: they live
-    inside existing weights); ``trainable`` counts the updates plus every fully trainable tensor.
+    inside existing weights); ``trainable`` counts the updates plus every fully trainable tensor, listed in
+    ``fully_trainable`` under its own name (``blocks.0.attn.qkv.bias``, ``head.weight``).
     """
 
     trainable: int
@@ -109,23 +139,27 @@ class TrainableReport:
 
 
 def trainable_parameters_report(model: nn.Module) -> TrainableReport:
-    """Count trainable and total parameters of a (wrapped) model, per layer."""
-    layers, delta_ids = [], set()
+    """Count the trainable parameters (``requires_grad``) against the base model's, per wrapped layer.
+
+    On a wrapped model the trainable ones are the active adapter's; on a plain model, whatever requires grad.
+    """
+    layers = []
     for name, layer in grft_layers(model):
-        delta_ids.add(id(layer.delta))
-        weight = layer.base_layer.weight
-        layers.append(LayerReport(name, type(layer.base_layer).__name__, layer.structure, tuple(weight.shape),
-                                  int(layer.indices.shape[-1]), layer.delta.numel(), weight.numel()))
-    total = trainable = 0
-    fully = {}
-    for name, param in model.named_parameters():
-        if id(param) in delta_ids:
-            trainable += param.numel() if param.requires_grad else 0
+        update = layer.update
+        if update is None:
             continue
-        total += param.numel()
-        if param.requires_grad:
-            trainable += param.numel()
-            fully[original_name(name)] = param.numel()
+        weight = layer.base_layer.weight
+        layers.append(LayerReport(name, type(layer.base_layer).__name__, update.structure, tuple(weight.shape),
+                                  update.count, update.delta.numel() if update.delta.requires_grad else 0,
+                                  weight.numel()))
+    total = sum(tensor.numel() for tensor in base_tensors(model).values())
+    trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
+    active = getattr(getattr(model, "grft_state", None), "active", None)
+    if active is not None:  # by the name of the tensor trained in full (a bias delta trains its layer's bias)
+        fully = {name.removesuffix("_delta"): p.numel() for name, p in adapter_parameters(model, active).items()
+                 if p.requires_grad and not name.endswith(".delta")}
+    else:
+        fully = {name: p.numel() for name, p in base_tensors(model).items() if p.requires_grad}
     return TrainableReport(trainable, total, layers, fully)
 
 

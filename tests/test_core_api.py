@@ -15,7 +15,8 @@ from conftest import images, make_model, random_scores
 from grft_vision import (AdapterError, ConfigError, GRFTConfig, L2ToPretrained, SelectionError, apply_grft,
                          load_adapter, merge_grft, print_trainable_parameters, save_adapter,
                          trainable_parameters_report, unload_grft)
-from grft_vision.anatomy import grft_layers
+from grft_vision.anatomy import base_tensors, grft_layers
+from grft_vision.trainable import adapter_parameters
 from grft_vision.selection import choose_indices
 
 
@@ -58,11 +59,13 @@ def test_vit_base_tap_columns_k2_trainable_count_is_analytic(vit_base):
 def test_default_trainable_set_follows_gps_convention():
     model = make_model("vit")
     apply_grft(model, random_scores(model))
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert {"head.weight", "head.bias", "blocks.0.attn.qkv.delta", "blocks.0.attn.qkv.base_layer.bias"} <= trainable
-    for frozen in ("pos_embed", "cls_token", "norm.weight", "blocks.0.norm1.weight",
-                   "blocks.0.attn.qkv.base_layer.weight", "patch_embed.proj.base_layer.weight"):
+    trainable = set(adapter_parameters(model, "default"))
+    assert {"head.weight", "head.bias", "blocks.0.attn.qkv.delta", "blocks.0.attn.qkv.bias_delta"} <= trainable
+    for frozen in ("pos_embed", "cls_token", "norm.weight", "blocks.0.norm1.weight"):
         assert frozen not in trainable
+    assert not any(p.requires_grad for p in base_tensors(model).values())  # the pre-trained tensors never train
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in
+                                                                       adapter_parameters(model, "default").values()}
 
 
 def test_trainable_switches():
@@ -70,9 +73,9 @@ def test_trainable_switches():
     config = GRFTConfig(train_head=False, train_bias=False, train_norm=True, train_pos_embed=True,
                         train_tokens=True, extra_trainable=["blocks.1.norm2.*"])
     apply_grft(model, random_scores(model), config)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    trainable = set(adapter_parameters(model, "default"))
     assert {"pos_embed", "cls_token", "norm.weight", "blocks.0.norm1.bias"} <= trainable
-    assert "head.weight" not in trainable and "blocks.0.attn.qkv.base_layer.bias" not in trainable
+    assert "head.weight" not in trainable and "blocks.0.attn.qkv.bias_delta" not in trainable
     assert "blocks.1.norm2.weight" in trainable
 
 
@@ -141,12 +144,14 @@ def test_config_yaml_round_trip(tmp_path):
     assert GRFTConfig.from_yaml(path) == config
 
 
-def test_apply_twice_and_no_target_are_errors():
+def test_apply_twice_under_one_name_and_no_target_are_errors():
     model = make_model("vit")
     apply_grft(model, random_scores(model))
-    with pytest.raises(ValueError, match="already has GRFT layers"):
+    with pytest.raises(AdapterError, match="already has an adapter named 'default'.*adapter_name="):
         apply_grft(model, random_scores(model))
-    with pytest.raises(ValueError, match="matches target_modules"):
+    with pytest.raises(ConfigError, match="config in the place of scores"):
+        apply_grft(make_model("vit"), GRFTConfig())
+    with pytest.raises(ConfigError, match="matches target_modules"):
         apply_grft(make_model("vit"), {}, GRFTConfig(target_modules=["nothing.*"]))
 
 
@@ -165,7 +170,7 @@ def test_unload_restores_original_exactly():
         for _, layer in grft_layers(model):
             layer.delta.normal_()
     restored = unload_grft(model)
-    assert not hasattr(restored, "grft_config")
+    assert not hasattr(restored, "grft_state")
     x = images()
     assert torch.equal(restored(x), original(x))
 
@@ -188,7 +193,8 @@ def test_bfloat16_weights_and_autocast(structure):
     apply_grft(model, random_scores(model), GRFTConfig(structure=structure))
     model.to(torch.bfloat16)
     layer = dict(grft_layers(model))["blocks.0.attn.qkv"]
-    layer.delta.data = layer.delta.data.float()  # updates stay fp32 masters
+    assert layer.delta.dtype == torch.float32 and model.head.parametrizations.weight[0].adapters["default"].dtype \
+        == torch.float32  # adapter tensors stay fp32 masters through the cast
     out = model(images().to(torch.bfloat16))
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and layer.delta.grad.dtype == torch.float32
@@ -207,18 +213,24 @@ def test_adapter_is_compact_and_reloads_config(tmp_path):
     trainable = trainable_parameters_report(model).trainable
     assert path.stat().st_size < 4 * trainable + 64 * 1024 + 8 * sum(1 for _ in grft_layers(model)) * 2
     fresh = load_adapter(make_model("vit"), path)
-    assert fresh.grft_config == model.grft_config
+    assert fresh.grft_state.config == model.grft_state.config
 
 
 def test_adapter_for_other_architecture_is_clear_error(tmp_path):
     model = make_model("vit")
     apply_grft(model, random_scores(model))
     path = save_adapter(model, tmp_path / "vit.safetensors")
-    with pytest.raises(AdapterError, match="targets layers this model does not have"):
+    with pytest.raises(AdapterError, match="saved from 'vit_tiny_patch16_224' and does not fit this 'resnet18'"):
         load_adapter(make_model("resnet"), path)
+    deeper = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, depth=3)
+    with pytest.raises(AdapterError, match=r"12 parameter\(s\) differ, e.g. blocks.2.attn.proj.bias: adapter None vs model \[192\]"):
+        load_adapter(deeper, path)
+    # the same backbone with another number of classes: the adapter brings its own head
     other_classes = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7, img_size=32, depth=2)
-    with pytest.raises(AdapterError, match=r"head.weight: adapter \[5, 192\] vs model \[7, 192\].*num_classes"):
-        load_adapter(other_classes, path)
+    backbone = {key: value for key, value in make_model("vit").state_dict().items() if not key.startswith("head.")}
+    assert other_classes.load_state_dict(backbone, strict=False).missing_keys == ["head.weight", "head.bias"]
+    reloaded = load_adapter(other_classes.eval(), path)
+    assert torch.equal(reloaded(images()), model(images()))
     with pytest.raises(AdapterError, match="different base weights"):
         load_adapter(make_model("vit", seed=1), path)
     load_adapter(make_model("vit", seed=1), path, check_weights=False)
@@ -272,10 +284,10 @@ def test_regularizer_covers_last_blocks_stem_and_head():
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, depth=4)
     apply_grft(model, random_scores(model), GRFTConfig(reg_lambda=0.5, reg_blocks=1))
-    regularizer = L2ToPretrained(model, model.grft_config)
+    regularizer = L2ToPretrained(model, model.grft_state.config)
     names = set(regularizer.names)
     assert "blocks.3.mlp.fc2.delta" in names and "patch_embed.proj.delta" in names
-    assert {"head.weight", "head.bias", "blocks.3.attn.qkv.bias"} <= names
+    assert {"head.weight", "head.bias", "blocks.3.attn.qkv.bias_delta"} <= names
     assert not any(name.startswith(("blocks.0.", "blocks.1.", "blocks.2.")) for name in names)
     assert regularizer().item() == 0.0
     with torch.no_grad():
@@ -290,7 +302,7 @@ def test_regularizer_covers_last_blocks_stem_and_head():
 def test_regularizer_blocks_are_stages_for_cnns():
     model = make_model("resnet")
     apply_grft(model, random_scores(model), GRFTConfig(reg_lambda=1.0, reg_blocks=1))
-    names = set(L2ToPretrained(model, model.grft_config).names)
+    names = set(L2ToPretrained(model, model.grft_state.config).names)
     assert "conv1.delta" in names and "fc.weight" in names and "layer4.0.conv1.delta" in names
     assert "layer3.0.conv1.delta" not in names
 

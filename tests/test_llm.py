@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification,
                           PreTrainedTokenizerFast)
 
-from grft_vision import (GRFTConfig, apply_grft, load_adapter, merge_grft, save_adapter,
+from grft_vision import (GRFTConfig, adapter_parameters, apply_grft, load_adapter, merge_grft, save_adapter,
                          trainable_parameters_report)
 from grft_vision.anatomy import find_target_layers, grft_layers
 from grft_vision.data import DataNotFoundError
@@ -297,16 +297,18 @@ def test_select_wrap_train_adapter_merge(tiny_dirs, tmp_path, kind):
                         reg_lambda=1e-4)
     apply_grft(model, config=config, dataloader=loader, progress=False,
                features=TokenFeatures(pooling, dataset=dataset, collate=collate))
-    assert model.grft_selection.subset_losses and len(model.grft_selection.subset_losses) == 2
+    assert model.grft_state.selection.subset_losses and len(model.grft_state.selection.subset_losses) == 2
 
     wrapped = dict(grft_layers(model))
     linears_per_layer = 7 if kind == "llama" else 6
     assert len(wrapped) == 2 * linears_per_layer
     assert all(".layers." in name or ".layer." in name for name in wrapped)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    trainable = set(adapter_parameters(model, "default"))
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in
+                                                                       adapter_parameters(model, "default").values()}
     head = {"score.weight"} if kind == "llama" else {"classifier.weight", "classifier.bias"}
     assert head <= trainable
-    biases = {f"{name}.base_layer.bias" for name, layer in wrapped.items() if layer.base_layer.bias is not None}
+    biases = {f"{name}.bias_delta" for name, layer in wrapped.items() if layer.base_layer.bias is not None}
     assert trainable == head | {f"{name}.delta" for name in wrapped} | biases
     assert not any("embed" in name or "norm" in name.lower() or "pooler" in name for name in trainable)
 

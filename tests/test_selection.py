@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import make_model
-from grft_vision import GRFTConfig, SelectionError, apply_grft
+from conftest import make_model, random_scores
+from grft_vision import ConfigError, GRFTConfig, SelectionError, apply_grft
 from grft_vision.anatomy import grft_layers
 from grft_vision.data import SyntheticImageDataset, TwoViews, contrastive_transform
 from grft_vision.selection import SupConSelectionLoss, compute_scores, split_subsets
@@ -93,7 +93,7 @@ def test_planted_rows_are_found():
     model = apply_grft(net, config=GRFTConfig(structure="row", k=2, **ONE_VIEW),
                        dataloader=DataLoader(planted_data(), batch_size=32), progress=False)
     assert model.fc1.indices.tolist() == [2, 5]
-    record = model.grft_selection.layers[0]
+    record = model.grft_state.selection.layers[0]
     assert record.name == "fc1" and record.chosen_share == pytest.approx(1.0) and record.rest_mean == 0.0
 
 
@@ -174,7 +174,7 @@ def test_model_state_is_restored_after_selection():
 def test_selection_record_is_saved_as_json(tmp_path):
     model = apply_grft(tiny_net(), config=GRFTConfig(structure="sparse", k=2, num_subsets=2, **ONE_VIEW),
                        dataloader=DataLoader(planted_data(), batch_size=32), progress=False)
-    record = model.grft_selection
+    record = model.grft_state.selection
     path = record.save_json(tmp_path / "selection.json")
     loaded = json.loads(path.read_text())
     assert loaded["num_subsets"] == 2 and len(loaded["subset_losses"]) == 2
@@ -218,5 +218,15 @@ def test_non_finite_loss_is_a_clear_error():
 
 
 def test_scores_or_dataloader_exactly_one():
-    with pytest.raises(ValueError, match="exactly one of scores"):
+    with pytest.raises(ConfigError, match="score='grft' needs data: pass dataloader="):
         apply_grft(tiny_net())
+    net = tiny_net()
+    with pytest.raises(ConfigError, match="scores= or dataloader=, not both"):
+        apply_grft(net, random_scores(net), dataloader=[])
+
+
+@pytest.mark.parametrize("score", ["random", "magnitude", "synflow"])
+def test_data_free_scores_need_no_loader(score):
+    net = tiny_net()
+    apply_grft(net, config=GRFTConfig(score=score, k=2), input_shape=(16,))
+    assert all(layer.indices.numel() == 2 for _, layer in grft_layers(net))

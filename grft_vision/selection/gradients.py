@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..anatomy import find_target_layers, grft_layers, is_grft_model
+from ..anatomy import find_target_layers, grft_layers
 from ..config import GRFTConfig, resolve_config
 from .features import BatchFeatures, VisionFeatures
 from .losses import CrossEntropySelectionLoss, SupConSelectionLoss, selection_loss
@@ -185,16 +185,15 @@ def _hessian_times(model: nn.Module, batches: Iterable[Any], batch_loss: _BatchL
 def _scored_weights(model: nn.Module, config: GRFTConfig) -> tuple[dict[str, nn.Parameter], dict[str, torch.Tensor]]:
     """The weights whose gradients are taken, and the values ``theta`` the scores use, by layer name.
 
-    Before wrapping: the targeted layers' weights (both). On a wrapped model (schedules re-score during
-    training): each wrapper's frozen base weight, whose gradient equals that of the effective weight, and the
-    effective weight ``W + scatter(delta)`` as ``theta``.
+    The targeted layers' weights (a wrapped layer's frozen base weight, whose gradient equals that of its
+    effective weight), and as ``theta`` the weight the model computes with: for a wrapped layer the active
+    adapter's effective weight ``W + scatter(delta)`` (schedules re-score during training), the base weight
+    when adapters are disabled (a new adapter is scored on the base model).
     """
-    if is_grft_model(model):
-        layers = dict(grft_layers(model))
-        return ({name: layer.base_layer.weight for name, layer in layers.items()},
-                {name: layer.weight.detach() for name, layer in layers.items()})
+    wrappers = dict(grft_layers(model))
     weights = {name: layer.weight for name, layer in find_target_layers(model, config).items()}
-    return weights, {name: weight.detach() for name, weight in weights.items()}
+    thetas = {name: (wrappers[name].weight if name in wrappers else weight).detach() for name, weight in weights.items()}
+    return weights, thetas
 
 
 def _synflow_input_shape(model: nn.Module, dataloader: DataLoader | Iterable[Any] | None) -> tuple[int, ...]:

@@ -1,8 +1,9 @@
 """When the chosen entries change during training: static, dynamic (SPEFT §3.4), incremental (ID3 §3.2).
 
 - ``static`` (default, GRFT/GPS): chosen once before training.
-- ``dynamic`` (SPEFT): every ``schedule_interval`` optimizer steps the current update is folded into the
-  weights (kept as residue, see :meth:`GRFTLayer.reselect`), the scores are recomputed on
+- ``dynamic`` (SPEFT): every ``schedule_interval`` optimizer steps the current update becomes frozen entries of
+  the adapter (changes that no longer train, folded into the weight while the adapter is active, see
+  :mod:`grft_vision.updates`), the scores are recomputed on
   ``schedule_batches`` batches of training data with the merged weights, and the same budget is chosen anew;
   the optimizer state of entries that stay chosen is carried over, that of new entries starts at zero.
 - ``incremental`` (ID3's increment-S): training starts with nothing chosen; at every event (every
@@ -22,14 +23,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..anatomy import grft_layers
 from ..config import GRFTConfig
+from ..layers import GRFTLayer, grft_layers
 from .features import BatchFeatures
 from .gradients import compute_scores
 from .subsets import subset_loader
 from .topk import choose_indices
 
-__all__ = ["MaskSchedule", "DynamicSchedule", "IncrementalSchedule", "create_schedule", "remap_optimizer_state"]
+__all__ = ["MaskSchedule", "DynamicSchedule", "IncrementalSchedule", "create_schedule", "remap_optimizer_state",
+           "reselect"]
 
 
 def remap_optimizer_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter,
@@ -54,6 +56,48 @@ def remap_optimizer_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, n
         else:
             carried[key] = value
     optimizer.state[new] = carried
+
+
+def _fold(update, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """Add ``values`` at flat weight ``positions`` to the update's frozen entries (summing where they meet)."""
+    index, inverse = torch.unique(torch.cat([update.frozen_index, positions]), return_inverse=True)
+    summed = torch.zeros(len(index), device=index.device).index_add_(
+        0, inverse, torch.cat([update.frozen_value, values.float().to(index.device)]))
+    update.set_frozen(index, summed)
+
+
+def reselect(layer: GRFTLayer, indices: torch.Tensor, *, keep: bool) -> torch.Tensor:
+    """Move the active adapter's update of ``layer`` to newly chosen entries.
+
+    Args:
+        layer: a wrapped layer with an active update.
+        indices: the new chosen entries (same structure).
+        keep: True (incremental): entries chosen before and now keep their value. False (dynamic, as SPEFT):
+            the whole update first becomes frozen entries and the new update starts from zero.
+
+    Returns:
+        For every entry of the new update (flattened), its position in the old flattened update, or -1.
+        Used to carry optimizer state over.
+    """
+    update = layer.update
+    old_positions = update.scatter(torch.arange(1, update.delta.numel() + 1, device=update.delta.device)
+                                   .view(update.delta.shape)) - 1
+    old_values = update.delta.detach().flatten()
+    with layer.unwritten():
+        if not keep:
+            _fold(update, update.positions().flatten(), old_values)
+        update.set_indices(indices)
+        mapping = update.extract(old_positions).flatten()
+        if keep:
+            with torch.no_grad():
+                kept = mapping >= 0
+                update.delta.view(-1)[kept] = old_values[mapping[kept]]
+    return mapping
+
+
+def _adapter_layers(model: nn.Module) -> list[tuple[str, GRFTLayer]]:
+    """The wrapped layers the active adapter has an update in."""
+    return [(name, layer) for name, layer in grft_layers(model) if layer.update is not None]
 
 
 class MaskSchedule:
@@ -82,7 +126,7 @@ class MaskSchedule:
         if changed:
             self._event(optimizer)
             self.events += 1
-        self.updates += sum(layer.delta.numel() for _, layer in grft_layers(self.model))
+        self.updates += sum(layer.delta.numel() for _, layer in _adapter_layers(self.model))
         return changed
 
     def _event(self, optimizer: torch.optim.Optimizer) -> None:
@@ -101,7 +145,7 @@ class MaskSchedule:
     def _move(self, name: str, indices: torch.Tensor, keep: bool, optimizer: torch.optim.Optimizer) -> None:
         layer = self.model.get_submodule(name)
         old = layer.delta
-        mapping = layer.reselect(indices, keep=keep)
+        mapping = reselect(layer, indices, keep=keep)
         remap_optimizer_state(optimizer, old, layer.delta, mapping)
 
     def state_dict(self) -> dict[str, Any]:
@@ -119,7 +163,7 @@ class DynamicSchedule(MaskSchedule):
 
     def _event(self, optimizer: torch.optim.Optimizer) -> None:
         scores = self._scores()
-        for name, layer in list(grft_layers(self.model)):
+        for name, layer in _adapter_layers(self.model):
             units = layer.indices.shape[-1]
             groups = getattr(layer.base_layer, "groups", 1)
             indices = choose_indices(scores[f"{name}.weight"], layer.structure, units, groups=groups, layer_name=name)
@@ -156,7 +200,7 @@ class IncrementalSchedule(MaskSchedule):
 
     def _event(self, optimizer: torch.optim.Optimizer) -> None:
         scores = self._scores()
-        for name, layer in list(grft_layers(self.model)):
+        for name, layer in _adapter_layers(self.model):
             wanted = self.target(name, self.events + 1)
             if wanted == layer.indices.shape[-1]:
                 continue

@@ -19,11 +19,9 @@ import math
 
 import torch
 
+from ..errors import SelectionError
+
 __all__ = ["choose_indices", "candidate_count", "resolve_k", "SelectionError"]
-
-
-class SelectionError(ValueError):
-    """Scores or k do not fit a layer; the message names the layer and the fix."""
 
 
 def candidate_count(weight_shape: torch.Size | tuple[int, ...], structure: str, groups: int = 1) -> int:

@@ -15,15 +15,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import TrainingError
 from ..regularization import L2ToPretrained
 from .distributed import DistributedContext
 from .monitor import Monitor
 
 __all__ = ["Batches", "ImageBatches", "Precision", "train_one_epoch", "evaluate", "TrainingError"]
-
-
-class TrainingError(RuntimeError):
-    """A run cannot continue (e.g. a non-finite loss); the message says where and what to try."""
 
 
 class Batches:

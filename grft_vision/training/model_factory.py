@@ -7,13 +7,10 @@ from pathlib import Path
 import timm
 from torch import nn
 
+from ..errors import ModelLoadError
 from .config import TrainConfig
 
 __all__ = ["ModelLoadError", "create_timm_model"]
-
-
-class ModelLoadError(RuntimeError):
-    """The model or its weights cannot be created; the message says what to do instead."""
 
 
 def create_timm_model(train: TrainConfig, num_classes: int) -> nn.Module:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from ..adapter import adapter_state, apply_adapter_state, save_adapter
 from ..anatomy import grft_layers, head_module_names
 from ..config import ConfigError, GRFTConfig
-from ..model import apply_grft, wrap_with_indices
+from ..model import DEFAULT_ADAPTER, add_adapter, apply_grft
 from ..regularization import L2ToPretrained
 from ..selection.record import write_json_atomic
 from ..selection.schedules import MaskSchedule, create_schedule
@@ -84,12 +84,13 @@ def _select_and_wrap(model: nn.Module, train: TrainConfig, grft: GRFTConfig, tas
         apply_grft(model, config=grft, dataloader=task.selection_loader(train, grft, train_set),
                    features=task.selection_features(grft), device=context.device, amp=train.amp,
                    progress=not train.quiet)
-        model.grft_selection.save_json(run_dir / "selection.json")
-        monitor.selection(model.grft_selection)
+        model.grft_state.selection.save_json(run_dir / "selection.json")
+        monitor.selection(model.grft_state.selection)
         chosen = {name: (layer.structure, layer.indices.cpu()) for name, layer in grft_layers(model)}
     chosen = context.broadcast(chosen)
     if not context.is_main:
-        wrap_with_indices(model, {n: i for n, (_, i) in chosen.items()}, {n: s for n, (s, _) in chosen.items()}, grft)
+        add_adapter(model, DEFAULT_ADAPTER, {n: i for n, (_, i) in chosen.items()},
+                    {n: s for n, (s, _) in chosen.items()}, grft)
 
 
 def _prepare_method(model: nn.Module, train: TrainConfig, grft: GRFTConfig) -> None:
@@ -204,7 +205,8 @@ def _make_trainable(model: nn.Module, train: TrainConfig, grft: GRFTConfig, task
     else:
         tensors, metadata = checkpoint["adapter"]
         structures = json.loads(metadata["structures"])
-        wrap_with_indices(model, {n: tensors[f"{n}.grft_indices"].long() for n in structures}, structures, grft)
+        add_adapter(model, DEFAULT_ADAPTER, {n: tensors[f"{n}.grft_indices"].long() for n in structures}, structures,
+                    grft)
     model.to(context.device)
 
 
@@ -270,7 +272,7 @@ class _Loop:
                               "DistributedDataParallel does not allow; run it in a single process.")
         return create_schedule(self.model, grft, self.task.selection_loader(self.train, grft, train_set),
                                total_steps=self.total_epochs * len(self.train_loader),
-                               budgets=getattr(self.model, "grft_budgets", None),
+                               budgets=self.model.grft_state.budgets,
                                features=self.task.selection_features(grft), device=self.context.device,
                                amp=self.train.amp)
 
