@@ -53,6 +53,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         The open temporary file. It is flushed, fsynced, given the usual permissions (``0o666 & ~umask``)
         and renamed over ``path`` after the block; on an exception it is removed and ``path`` is untouched.
 
+    Raises:
+        OSError: writing failed (a full disk, permissions); the error names ``path`` when the writer did not.
+
     Example::
 
         with atomic_write(run_dir / "config.yaml", "w") as handle:
@@ -71,6 +74,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
         _fsync_directory(path.parent)
+    except OSError as error:  # e.g. a full disk: say which file could not be written
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     finally:
         with suppress(FileNotFoundError):  # gone after a successful rename
             os.remove(temporary)

@@ -209,12 +209,15 @@ class VtabTfdsDataset(Dataset):
 # --------------------------------------------------------------------------------------------------------
 
 def _folder_layout_error(task: VtabTask, root: Path, list_file: Path) -> DataNotFoundError:
-    where = f"root {str(root)!r} does not exist" if not root.is_dir() else f"{list_file} does not exist"
-    return DataNotFoundError(
-        f"VTAB task {task.name!r} (folder layout): expected the list file {list_file}, but {where}.\n"
+    if root.is_dir():
+        where = f"{list_file} does not exist"
+    else:
+        where = f"root {str(root)!r} {'is not a folder' if root.exists() else 'does not exist'}"
+    return DataNotFoundError(  # one line: the command-line scripts print it as their error
+        f"VTAB task {task.name!r} (folder layout): expected the list file {list_file}, but {where}. "
         f"The NOAH/SSF/GPS layout is <root>/<task folder>/{{{','.join(VTAB_SPLITS)}}}.txt, each line "
         f"'relative/path.jpg label' with paths relative to <root>/<task folder>/; the folder of "
-        f"{task.name!r} is {task.folder_name!r}.\n"
+        f"{task.name!r} is {task.folder_name!r}. "
         f"Alternatively, read the task from TFDS (VtabTfdsDataset, layout='tfds'), prepared with: "
         f"{TFDS_PREPARE_INSTALL} && tfds build {task.tfds_id} --data_dir DIR --file_format array_record"
     )

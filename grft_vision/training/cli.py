@@ -185,9 +185,10 @@ def resolve_settings(benchmark: str, argv: Sequence[str] | None, config_dir: str
         check_dataset_name(args.dataset, dataset_names)
     config_dir = Path(config_dir)
     files = [config_dir / "defaults.yaml", config_dir / f"{args.dataset}.yaml", *map(Path, args.config_files)]
-    missing = [str(path) for path in files[2:] if not path.is_file()]
-    if missing:
-        raise ConfigError(f"config file {missing[0]} does not exist.")
+    for path in files[2:]:
+        if not path.is_file():
+            state = "is not a file" if path.exists() else "does not exist"
+            raise ConfigError(f"config file {path} {state}; pass a YAML file of settings to --config.")
     settings = load_layers((path for path in files if path.is_file()), config_cls)
     if benchmark in BENCHMARK_SPLITS:
         settings.setdefault("train_split", BENCHMARK_SPLITS[benchmark])
@@ -265,7 +266,8 @@ def describe_os_error(error: OSError) -> str:
     """One line naming the file and what to do, for the environment errors a run meets."""
     where = f" {error.filename}" if error.filename is not None else ""
     if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return f"no space left on the device while writing{where}; free some space, then continue with --resume."
+        return (f"no space left on the device while writing{where}; free some space, then run again (with --resume "
+                "once the run has a checkpoint).")
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"permission denied:{where}; choose a path you can write to (e.g. --run-dir) or fix its permissions."
     if error.errno == errno.ENOENT:

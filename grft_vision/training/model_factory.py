@@ -1,9 +1,10 @@
 """Creating the timm backbone of a run: hub weights, a local checkpoint file, or random initialisation.
 
-A local ``--checkpoint`` is loaded by timm (its checkpoint filter, position-embedding resampling and
-``.npz`` readers included) and then checked: timm loads non-strictly whenever the class count differs,
-i.e. in every fine-tune, so without the check a file of another architecture would leave the backbone
-at random initialisation. Only the classification head may be missing from the file or left over in it.
+A local ``--checkpoint`` is checked against the architecture before timm loads it (with its checkpoint
+filter, position-embedding resampling and ``.npz`` readers): timm loads non-strictly whenever the class
+count differs, i.e. in every fine-tune, so without the check a file of another architecture would leave
+the backbone at random initialisation. Only the classification head may be missing from the file or left
+over in it.
 """
 from __future__ import annotations
 
@@ -62,12 +63,13 @@ def create_timm_model(train: TrainConfig, num_classes: int) -> nn.Module:
     options = {"num_classes": num_classes, "drop_path_rate": train.drop_path}
     if train.img_size is not None:
         options["img_size"] = train.img_size
-    pretrained, path = train.pretrained, None
+    pretrained = train.pretrained
     if train.checkpoint is not None:
         path = Path(train.checkpoint).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"--checkpoint {str(path)!r} does not exist; pass a local weights file "
                                  "(.safetensors, .pth or .npz as timm reads them).")
+        _check_weights_file(train.model, path, options)
         options["pretrained_cfg_overlay"] = {"file": str(path)}
         pretrained = True
     try:
@@ -77,46 +79,41 @@ def create_timm_model(train: TrainConfig, num_classes: int) -> nn.Module:
     except _UNREADABLE as error:
         if not pretrained:
             raise
-        if path is not None:
-            _check_weights_file(train, num_classes, path, options)
-            raise ModelLoadError(f"--checkpoint {path} cannot be loaded into {train.model!r} ({_first_line(error)}); "
-                                 "check that the file is complete and was saved from this model.") from error
-        raise ModelLoadError(
-            f"could not load the pre-trained weights of {train.model!r} ({_first_line(error)}). "
-            "Without network access, download them elsewhere and pass --checkpoint FILE, "
-            "or train from random initialisation with --no-pretrained.") from error
-    if path is not None:
-        _check_fits(model, _read_weights(path, model), train.model, path)
+        source = f"--checkpoint {train.checkpoint}" if train.checkpoint else f"the pre-trained weights of {train.model!r}"
+        hint = ("check that the file is complete" if train.checkpoint else "without network access, download them "
+                "elsewhere and pass --checkpoint FILE, or train from random initialisation with --no-pretrained")
+        raise ModelLoadError(f"could not load {source} ({_first_line(error)}); {hint}.") from error
     if train.img_size is not None:
         _check_image_size(model, train)
     return model
 
 
-def _read_weights(path: Path, model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The file's tensors as timm hands them to ``load_state_dict`` (None: a format with its own loader)."""
-    if path.suffix.lower() in (".npz", ".npy"):  # the model's load_pretrained, which fails on a missing array
-        return None
-    state = load_state_dict(str(path))
-    checkpoint_filter = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    return checkpoint_filter(state, model) if callable(checkpoint_filter) else state
+def _check_weights_file(name: str, path: Path, options: dict) -> None:
+    """Refuse a weights file that is unreadable or does not fit ``name`` built with ``options``.
 
-
-def _check_weights_file(train: TrainConfig, num_classes: int, path: Path, options: dict) -> None:
-    """After a failed load: raise the mismatch between the file and a freshly built model, if there is one."""
+    The file is read as timm reads it (``timm.models.load_state_dict``, then the model family's
+    ``checkpoint_filter_fn`` when it has one) and compared with a model built without weights (in a forked
+    RNG, so that the run's random draws stay those of a run without the check). ``.npz`` files are read
+    by the model's own loader, which fails on a missing array, and are not checked here.
+    """
+    if path.suffix.lower() in (".npz", ".npy"):
+        return
     try:
-        state = load_state_dict(str(path)) if path.suffix.lower() not in (".npz", ".npy") else None
+        state = load_state_dict(str(path))
     except _UNREADABLE as error:
         raise ModelLoadError(f"--checkpoint {path} is not a readable weights file ({_first_line(error)}); it is "
                              "truncated or corrupt: download it again.") from None
-    if state is not None:
-        blank = {key: value for key, value in options.items() if key != "pretrained_cfg_overlay"}
-        _check_fits(timm.create_model(train.model, pretrained=False, **blank), state, train.model, path)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model = timm.create_model(name, pretrained=False, **options)
+    except TypeError as error:
+        raise ModelLoadError(f"{name!r} does not accept {sorted(options)}: {error}") from error
+    checkpoint_filter = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    _check_fits(model, checkpoint_filter(state, model) if callable(checkpoint_filter) else state, name, path)
 
 
-def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor] | None, name: str, path: Path) -> None:
+def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], name: str, path: Path) -> None:
     """Raise :class:`ModelLoadError` when ``state`` misses, adds or reshapes a weight outside the head."""
-    if state is None:
-        return
     heads = head_module_names(model)
 
     def outside_head(key: str) -> bool:

@@ -177,9 +177,10 @@ def _check_resumable(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"--resume: no run in {run_dir} (no checkpoint.pt); start the run without --resume.")
     saved = _read_saved_settings(config_path)
     missing = sorted(set(settings) - set(saved) - _RESUME_FREE)
-    if len(missing) > len(settings) // 2:
-        raise ConfigError(f"--resume: {config_path} lacks most settings ({', '.join(missing[:3])}, ...), so it is "
-                          "truncated; restore it, or start the run again with --overwrite.")
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ConfigError(f"--resume: {config_path} lacks {len(missing)} settings ({shown}): it is truncated or "
+                          "from another version; restore it, or start the run again with --overwrite.")
     changed = _differences(saved, settings)
     if changed:
         raise ConfigError(f"--resume: settings differ from the run in {run_dir}: {', '.join(changed)}; resume "
@@ -193,6 +194,21 @@ def _check_resumable(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"--resume: {path} belongs to an earlier run in {run_dir} (its {', '.join(stale)} "
                           "differ from config.yaml's); start this run again with --overwrite.")
     return checkpoint
+
+
+def _open_run_dir(train: TrainConfig, grft: GRFTConfig, resume: bool, overwrite: bool,
+                  context: DistributedContext) -> tuple[Path, dict[str, Any], dict[str, Any] | None]:
+    """``(run directory, resolved settings, checkpoint or None)`` once the directory may take this run."""
+    run_dir = _run_dir(train, context)
+    settings = resolved_settings(train, grft)
+    refusal = context.broadcast(_run_dir_refusal(run_dir, resume, overwrite) if context.is_main else None)
+    if refusal is not None:
+        raise ConfigError(refusal)
+    checkpoint = _check_resumable(run_dir, settings) if resume else None
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(run_dir)  # left by a process killed while writing
+    return run_dir, settings, checkpoint
 
 
 def _start_run_dir(run_dir: Path, train: TrainConfig, settings: dict[str, Any], overwrite: bool) -> None:
@@ -261,21 +277,14 @@ def _run(train: TrainConfig, grft: GRFTConfig, resume: bool, overwrite: bool, co
          task: Task) -> dict[str, Any]:
     start = time.perf_counter()
     seed_everything(train.seed)
-    run_dir = _run_dir(train, context)
-    settings = resolved_settings(train, grft)
-    refusal = context.broadcast(_run_dir_refusal(run_dir, resume, overwrite) if context.is_main else None)
-    if refusal is not None:
-        raise ConfigError(refusal)
-    checkpoint = _check_resumable(run_dir, settings) if resume else None
-    if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(run_dir)  # left by a process killed while writing
-
+    run_dir, settings, checkpoint = _open_run_dir(train, grft, resume, overwrite, context)
     train_set, eval_set, num_classes = task.datasets(train)
     model = task.build_model(train, num_classes).to(context.device)
     task.prepare_data(train, model, train_set, eval_set)
-    if context.is_main and checkpoint is None:
-        _start_run_dir(run_dir, train, settings, overwrite)
+    if checkpoint is None:  # nothing is written before the data, the model and k are known to be usable
+        _check_targets(model, train, grft)
+        if context.is_main:
+            _start_run_dir(run_dir, train, settings, overwrite)
     monitor = Monitor(str(train.logdir or run_dir / "tb") if context.is_main else None)
     begin = time.perf_counter()
     _make_trainable(model, train, grft, task, train_set, checkpoint, context, run_dir, monitor)
@@ -320,8 +329,6 @@ def _run(train: TrainConfig, grft: GRFTConfig, resume: bool, overwrite: bool, co
 def _make_trainable(model: nn.Module, train: TrainConfig, grft: GRFTConfig, task: Task, train_set: Dataset,
                     checkpoint: dict | None, context: DistributedContext, run_dir: Path, monitor: Monitor) -> None:
     """GRFT: select (or take the checkpoint's indices) and wrap; baselines: set their trainable set."""
-    if checkpoint is None:
-        _check_targets(model, train, grft)
     if train.method != "grft":
         _prepare_method(model, train, grft)
         return
