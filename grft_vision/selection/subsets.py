@@ -41,7 +41,7 @@ class SeededItems(Dataset):
         high, low = np.random.SeedSequence([self.seed, int(index)]).generate_state(2)
         python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(high) << 32 | int(low))
+            torch.default_generator.manual_seed(int(high) << 32 | int(low))  # the CPU generator transforms use
             random.seed(int(high) << 32 | int(low))
             np.random.seed(int(low))
             try:

@@ -290,7 +290,7 @@ def _run(train: TrainConfig, grft: GRFTConfig, resume: bool, overwrite: bool, co
     _make_trainable(model, train, grft, task, train_set, checkpoint, context, run_dir, monitor)
     selection_seconds = time.perf_counter() - begin if train.method == "grft" else 0.0
     if checkpoint is not None:  # the original selection's time, not that of re-wrapping
-        selection_seconds = (checkpoint["seconds"] or {}).get("selection", 0.0)
+        selection_seconds = checkpoint["seconds"]["selection"]
     regularizer = L2ToPretrained(model, grft)  # references taken before any trained value is loaded
     if checkpoint is not None:
         _load_trained_values(model, train, checkpoint, run_dir)
@@ -398,7 +398,6 @@ class _Loop:
         self.loss_fn, self.mixup = task.loss_and_mixup(train, num_classes)
         self.progress = not train.quiet and context.is_main
         self.seconds = 0.0  # training time, of earlier sessions too
-        self._began = time.perf_counter()
         self.mask_schedule = self._mask_schedule(grft, train_set) if train.method == "grft" else None
 
     def _mask_schedule(self, grft: GRFTConfig, train_set: Dataset) -> MaskSchedule | None:
@@ -427,13 +426,13 @@ class _Loop:
             self.precision.scaler.load_state_dict(checkpoint["scaler"])
         if self.mask_schedule is not None:
             self.mask_schedule.load_state_dict(checkpoint["mask_schedule"])
-        if checkpoint["divergence"] is not None:
-            self.divergence.load_state_dict(checkpoint["divergence"])
-        self.seconds = (checkpoint["seconds"] or {}).get("train", 0.0)
+        self.divergence.load_state_dict(checkpoint["divergence"])
+        self.seconds = checkpoint["seconds"]["train"]
         restore_rng_state(checkpoint["rng"])
         return checkpoint["epoch"] + 1, checkpoint["history"]
 
     def _train_seconds(self) -> float:
+        """Training time so far, earlier sessions included (``_began``: when this session's epochs began)."""
         return self.seconds + time.perf_counter() - self._began
 
     def fit(self, checkpoint: dict | None) -> list[dict[str, Any]]:
