@@ -109,7 +109,7 @@ class TrainConfig:
         self._check_names()
 
     def _check_names(self) -> None:
-        """Names that timm or torch would refuse only later: optimizer, schedule, interpolation, device."""
+        """Values timm or torch would refuse only later: optimizer, schedule, interpolation, mean/std, device."""
         optimizer = self.opt.lower().removeprefix("lookahead_")
         if optimizer not in list_optimizers():
             close = difflib.get_close_matches(optimizer, list_optimizers(), n=1)
