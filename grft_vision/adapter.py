@@ -25,19 +25,19 @@ import functools
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .anatomy import architecture_name, base_tensors, head_module_names, in_modules, input_size
 from .config import GRFTConfig
 from .errors import AdapterError, ConfigError
+from .files import atomic_write
 from .layers import GRFTLayer, grft_layers
 from .lifecycle import list_adapters
 from .model import DEFAULT_ADAPTER, add_adapter, grft_state
@@ -164,19 +164,6 @@ def adapter_state(model: nn.Module, adapter_name: str | None = None) -> tuple[di
     return tensors, metadata
 
 
-def _write_atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp_name)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-    return path
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write one adapter (default: the active one) of a wrapped model to a ``.safetensors`` file, atomically.
 
@@ -184,7 +171,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         AdapterError: the model is not wrapped, or has no such adapter.
     """
     tensors, metadata = adapter_state(model, adapter_name)
-    return _write_atomic(Path(path), lambda name: save_file(tensors, name, metadata=metadata))
+    with atomic_write(path, "wb") as handle:
+        handle.write(safetensors_bytes(tensors, metadata=metadata))
+    return Path(path)
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike,
@@ -199,8 +188,10 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike,
         tensors, metadata = adapter_state(model, name)
         readable = {key: value if key in ("format", "adapter_name", "library_version") else json.loads(value)
                     for key, value in metadata.items()}
-        _write_atomic(target / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata=metadata))
-        _write_atomic(target / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(readable, indent=2)))
+        with atomic_write(target / WEIGHTS_NAME, "wb") as handle:
+            handle.write(safetensors_bytes(tensors, metadata=metadata))
+        with atomic_write(target / CONFIG_NAME, "w") as handle:
+            json.dump(readable, handle, indent=2)
     return directory
 
 

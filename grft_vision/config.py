@@ -7,6 +7,7 @@ that names the key and the closest valid one, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,7 +16,8 @@ import yaml
 
 from .errors import ConfigError, did_you_mean
 
-__all__ = ["GRFTConfig", "STRUCTURES", "SCORES", "ConfigError", "resolve_config", "coerce_numbers"]
+__all__ = ["GRFTConfig", "STRUCTURES", "SCORES", "ConfigError", "resolve_config", "coerce_numbers",
+           "check_field_types", "check_range"]
 
 STRUCTURES = ("row", "column", "sparse")
 # the importance scores of grft_vision.selection.salience
@@ -144,44 +146,47 @@ class GRFTConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.structure not in STRUCTURES:
-            raise ConfigError(f"structure={self.structure!r} is not known; use one of {', '.join(STRUCTURES)}.")
-        _check_k(self.k)
-        if self.conv_columns not in ("channel", "tap"):
-            raise ConfigError(f"conv_columns={self.conv_columns!r} must be 'channel' or 'tap'.")
         for name in ("target_modules", "exclude_modules", "extra_trainable"):
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [value])
         if isinstance(self.head_modules, str):
             self.head_modules = [self.head_modules]
+        _check_k(self.k)
+        if not (self.reg_blocks == "all" or (isinstance(self.reg_blocks, int) and self.reg_blocks >= 0
+                                             and not isinstance(self.reg_blocks, bool))):
+            raise ConfigError(f"reg_blocks={self.reg_blocks!r} must be an int >= 0 or 'all'.")
+        check_field_types(self)
+        if self.structure not in STRUCTURES:
+            raise ConfigError(f"structure={self.structure!r} is not known; use one of {', '.join(STRUCTURES)}.")
+        if self.conv_columns not in ("channel", "tap"):
+            raise ConfigError(f"conv_columns={self.conv_columns!r} must be 'channel' or 'tap'.")
         if self.budget not in ("uniform", "global", "entropy"):
             raise ConfigError(f"budget={self.budget!r} must be 'uniform', 'global' or 'entropy'.")
         if self.budget_params is not None and self.budget_fraction is not None:
             raise ConfigError("set budget_params or budget_fraction, not both.")
         if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
             raise ConfigError(f"budget_fraction={self.budget_fraction!r} must be in (0, 1].")
+        check_range(self, "budget_params", low=1)
+        check_range(self, "entropy_bins", low=2)
+        check_range(self, "d3_eps", low=0, low_open=True)
+        check_range(self, "selection_batch_size", low=1)
+        check_range(self, "selection_seed", low=0)
         if self.score not in SCORES:
             raise ConfigError(f"score={self.score!r} is not known; use one of {', '.join(SCORES)}.")
         if self.selection_loss not in ("supcon", "cross_entropy"):
             raise ConfigError(f"selection_loss={self.selection_loss!r} must be 'supcon' or 'cross_entropy'.")
         if self.schedule not in ("static", "dynamic", "incremental"):
             raise ConfigError(f"schedule={self.schedule!r} must be 'static', 'dynamic' or 'incremental'.")
-        if self.schedule_interval < 1 or self.schedule_batches < 1:
-            raise ConfigError("schedule_interval and schedule_batches must be >= 1.")
+        check_range(self, "schedule_interval", low=1)
+        check_range(self, "schedule_batches", low=1)
         if self.selection_views not in (1, 2):
             raise ConfigError(f"selection_views={self.selection_views!r} must be 1 or 2.")
         if self.selection_mode not in ("train", "eval"):
             raise ConfigError(f"selection_mode={self.selection_mode!r} must be 'train' or 'eval'.")
-        if not (isinstance(self.num_subsets, int) and self.num_subsets >= 1):
-            raise ConfigError(f"num_subsets={self.num_subsets!r} must be an int >= 1.")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature={self.temperature!r} must be > 0.")
-        if not self.reg_lambda >= 0:
-            raise ConfigError(f"reg_lambda={self.reg_lambda!r} must be >= 0.")
-        if not (self.reg_blocks == "all" or (isinstance(self.reg_blocks, int) and self.reg_blocks >= 0
-                                             and not isinstance(self.reg_blocks, bool))):
-            raise ConfigError(f"reg_blocks={self.reg_blocks!r} must be an int >= 0 or 'all'.")
+        check_range(self, "num_subsets", low=1)
+        check_range(self, "temperature", low=0, low_open=True)
+        check_range(self, "reg_lambda", low=0)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "GRFTConfig":
@@ -245,3 +250,58 @@ def coerce_numbers(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
             if "str" not in types[key]:
                 raise ConfigError(f"{key}={value!r} must be a number.") from None
     return coerced
+
+
+# the type names a field's annotation may combine with "|", and what a value of each looks like
+_KINDS = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and math.isfinite(v)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "None": ("null", lambda v: v is None),
+    "list[str]": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "list[float]": ("a list of finite numbers", lambda v: isinstance(v, list) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)),
+}
+
+
+def check_field_types(config: Any) -> None:
+    """Check every field of a settings dataclass against its annotation (``int``, ``float | None``, ...).
+
+    ``True`` is not an integer, ``1.5`` is not an integer, NaN and inf are not numbers; an int is a valid
+    float. Annotations other than those of ``_KINDS`` are not checked.
+
+    Raises:
+        ConfigError: naming the field, its value and the type it needs, e.g. ``seed=1.5 must be an integer.``
+    """
+    for item in dataclasses.fields(config):
+        kinds = [part.strip() for part in str(item.type).split("|")]
+        if not all(kind in _KINDS for kind in kinds):
+            continue
+        value = getattr(config, item.name)
+        if not any(_KINDS[kind][1](value) for kind in kinds):
+            wanted = " or ".join(_KINDS[kind][0] for kind in kinds)
+            raise ConfigError(f"{item.name}={value!r} must be {wanted}.")
+
+
+def check_range(config: Any, name: str, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Check that the number ``config.<name>`` lies in a range (None values are not checked).
+
+    Raises:
+        ConfigError: ``name=value must be in [low, high)`` (the bounds that apply).
+    """
+    value = getattr(config, name)
+    if value is None:
+        return
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        if high is None:
+            wanted = f"{'>' if low_open else '>='} {low}"
+        elif low is None:
+            wanted = f"{'<' if high_open else '<='} {high}"
+        else:
+            wanted = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{name}={value!r} must be {wanted}.")

@@ -28,7 +28,7 @@ from .selection.record import LayerSelection, SelectionRecord
 from .selection.topk import candidate_count, choose_indices, resolve_k
 from .trainable import fully_trained_tensors, tracked_statistics
 
-__all__ = ["AdapterRecord", "GRFTState", "DEFAULT_ADAPTER", "apply_grft", "add_adapter", "merge_grft",
+__all__ = ["AdapterRecord", "GRFTState", "DEFAULT_ADAPTER", "apply_grft", "add_adapter", "check_targets", "merge_grft",
            "unload_grft", "grft_state"]
 
 DEFAULT_ADAPTER = "default"
@@ -122,12 +122,21 @@ def _check_score(name: str, layer: nn.Module, scores: Mapping[str, torch.Tensor]
     return score
 
 
-def _check_k(targets: Mapping[str, nn.Module], config: GRFTConfig) -> None:
-    """k fits every targeted layer (checked before any score is computed)."""
+def check_targets(model: nn.Module, config: GRFTConfig) -> dict[str, nn.Module]:
+    """The layers ``config`` targets (:func:`~grft_vision.anatomy.find_target_layers`), once k is known to fit
+    every one of them: checked before any score is computed.
+
+    Raises:
+        ConfigError: no layer is targeted, or the head patterns match nothing.
+        SelectionError: k is larger than a targeted layer's dimension.
+    """
+    head_module_names(model, config.head_modules)
+    targets = find_target_layers(model, config)
     for name, layer in targets.items():
         structure = config.layer_structure(layer)
         count = candidate_count(layer.weight.shape, structure, getattr(layer, "groups", 1))
         resolve_k(config.k, count, name, structure, config.clamp_k)
+    return targets
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -203,8 +212,7 @@ def apply_grft(
     config = resolve_config(config)
     _refuse_peft_model(model)
     _check_adapter_name(model, adapter_name)
-    targets = find_target_layers(model, config)
-    _check_k(targets, config)
+    targets = check_targets(model, config)
     scores, result = _scores(model, config, scores, dataloader, selection_options)
     record = SelectionRecord(config.structure, config.k)
     if result is not None and result.subset_size is not None:

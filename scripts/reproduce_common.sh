@@ -3,7 +3,8 @@
 # `root_of NAME` printing the --data-dir of a dataset.
 #
 # A run whose metrics.json exists is skipped; one with a checkpoint.pt but no metrics.json (interrupted) is
-# continued with --resume. A failed run does not stop the others; the script exits 1 at the end if any failed.
+# continued with --resume; one stopped before its first checkpoint is started again with --overwrite. A
+# failed run does not stop the others; the script exits 1 at the end if any failed.
 SEEDS=${SEEDS:-"42 43 44"}
 LAUNCHER=${LAUNCHER:-python}
 PYTHON=${PYTHON:-python}
@@ -28,6 +29,8 @@ reproduce_all() {
             resume=()
             if [ -f "$dir/checkpoint.pt" ]; then
                 resume=(--resume)
+            elif [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ]; then
+                resume=(--overwrite)
             fi
             # shellcheck disable=SC2086  # LAUNCHER and EXTRA_ARGS are word lists on purpose
             if ! run $LAUNCHER "$SCRIPT" --dataset "$name" --seed "$seed" --run-dir "$dir" --data-dir "$root" \

@@ -1,7 +1,6 @@
 """``create_dataset``: one entry point over the VTAB-1k tasks, the FGVC datasets and the synthetic set."""
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -9,6 +8,7 @@ from typing import Any, Callable
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError, did_you_mean
 from .fgvc import FGVC_DATASETS, FgvcJsonDataset, FgvcOfficialDataset, detect_fgvc_layout
 from .synthetic import DEFAULT_NUM_CLASSES, SyntheticImageDataset
 from .vtab import VtabFolderDataset, VtabTfdsDataset
@@ -38,16 +38,16 @@ def _check_name(name: str) -> str:
         return "fgvc"
     if name == SYNTHETIC:
         return SYNTHETIC
-    close = difflib.get_close_matches(name, DATASET_NAMES, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"Unknown dataset {name!r}.{hint} Valid names: {', '.join(DATASET_NAMES)}.")
+    raise ConfigError(f"Unknown dataset {name!r}.{did_you_mean(name, DATASET_NAMES)} "
+                      f"Valid names: {', '.join(DATASET_NAMES)}.")
 
 
 def dataset_num_classes(name: str) -> int:
     """Number of classes of a dataset (``synthetic``: the default of :class:`SyntheticImageDataset`, 10).
 
     Raises:
-        ValueError: If the name is unknown (the message lists the valid names and the closest one).
+        ConfigError: If the name is unknown (a ``ValueError``; the message lists the valid names and the
+            closest one).
     """
     family = _check_name(name)
     if family == "vtab":
@@ -60,22 +60,22 @@ def dataset_num_classes(name: str) -> int:
 def _create_vtab(name: str, split: str, data_dir: str | os.PathLike | None, layout: str,
                  transform: Transform | None, download: bool) -> Dataset:
     if layout == "folder" and download:
-        raise ValueError("download=True is only supported by the VTAB TFDS layout.")
+        raise ConfigError("download=True is only supported by the VTAB TFDS layout.")
     if layout == "auto":
         folder_list = Path(data_dir or "", VTAB_TASKS[name].folder_name, "train800val200.txt").expanduser()
         layout = "folder" if data_dir is not None and folder_list.is_file() else "tfds"
     if layout == "tfds":
         return VtabTfdsDataset(name, split, data_dir=data_dir, transform=transform, download=download)
     if data_dir is None:
-        raise ValueError(f"The folder layout of {name!r} needs data_dir (the root holding one folder per "
-                         "task).")
+        raise ConfigError(f"The folder layout of {name!r} needs data_dir (the root holding one folder per "
+                          "task); pass --data-dir.")
     return VtabFolderDataset(data_dir, name, split, transform=transform)
 
 
 def _create_fgvc(name: str, split: str, data_dir: str | os.PathLike | None, layout: str,
                  transform: Transform | None) -> Dataset:
     if data_dir is None:
-        raise ValueError(f"FGVC dataset {name!r} needs data_dir (the dataset root).")
+        raise ConfigError(f"FGVC dataset {name!r} needs data_dir (the dataset root); pass --data-dir.")
     if layout == "auto":
         layout = detect_fgvc_layout(data_dir, name)
     dataset_cls = FgvcJsonDataset if layout == "json" else FgvcOfficialDataset
@@ -117,22 +117,23 @@ def create_dataset(
         A map-style :class:`torch.utils.data.Dataset`.
 
     Raises:
-        ValueError: If the name, layout or split is unknown or the arguments do not fit the dataset.
+        ConfigError: If the name, layout or split is unknown or the arguments do not fit the dataset (a
+            ``ValueError``).
         DataNotFoundError: If the data is missing (a ``FileNotFoundError``; the message says how to get it).
     """
     family = _check_name(name)
     if layout not in _FAMILY_LAYOUTS[family]:
-        raise ValueError(f"Layout {layout!r} does not apply to {name!r}; expected one of "
-                         f"{_FAMILY_LAYOUTS[family]}.")
+        raise ConfigError(f"Layout {layout!r} does not apply to {name!r}; expected one of "
+                          f"{_FAMILY_LAYOUTS[family]}.")
     if synthetic_kwargs and family != SYNTHETIC:
         raise TypeError(f"Unexpected arguments for {name!r}: {sorted(synthetic_kwargs)}.")
     if download and family != "vtab":
-        raise ValueError(f"{name!r} cannot be downloaded; download=True is only supported by the VTAB TFDS "
-                         "layout.")
+        raise ConfigError(f"{name!r} cannot be downloaded; download=True is only supported by the VTAB TFDS "
+                          "layout.")
     if family == "vtab":
         return _create_vtab(name, split, data_dir, layout, transform, download)
     if family == "fgvc":
         return _create_fgvc(name, split, data_dir, layout, transform)
     if split not in _SYNTHETIC_SPLITS:
-        raise ValueError(f"Unknown synthetic split {split!r}; expected one of {tuple(_SYNTHETIC_SPLITS)}.")
+        raise ConfigError(f"Unknown synthetic split {split!r}; expected one of {tuple(_SYNTHETIC_SPLITS)}.")
     return SyntheticImageDataset(split=_SYNTHETIC_SPLITS[split], transform=transform, **synthetic_kwargs)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 
 from PIL import Image
 
+from ..config import ConfigError
 from .errors import DataNotFoundError
 from .fgvc_official import OFFICIAL_FILES, OFFICIAL_READERS, RawSplits
 from .image_list import ImageListDataset
@@ -76,7 +77,7 @@ FGVC_DATASETS: dict[str, FgvcDatasetInfo] = {
 
 def _get_info(dataset: str) -> FgvcDatasetInfo:
     if dataset not in FGVC_DATASETS:
-        raise ValueError(f"Unknown FGVC dataset {dataset!r}; expected one of {sorted(FGVC_DATASETS)}.")
+        raise ConfigError(f"Unknown FGVC dataset {dataset!r}; expected one of {sorted(FGVC_DATASETS)}.")
     return FGVC_DATASETS[dataset]
 
 
@@ -127,9 +128,19 @@ def _select(
     return samples, len(class_map)
 
 
+def _read_json_split(path: Path) -> list[tuple[str, int]]:
+    """``(relative image path, class id)`` pairs of one VPT json file; a malformed file is a ConfigError."""
+    try:
+        entries = json.loads(path.read_text())
+        return [(image, int(class_id)) for image, class_id in entries.items()]
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ConfigError(f"{path}: expected a JSON object {{\"relative/image.jpg\": class id, ...}} "
+                          f"({type(error).__name__}: {error}); fix or replace the file.") from None
+
+
 def _check_split(split: str) -> None:
     if split not in FGVC_SPLITS:
-        raise ValueError(f"Unknown FGVC split {split!r}; expected one of {FGVC_SPLITS}.")
+        raise ConfigError(f"Unknown FGVC split {split!r}; expected one of {FGVC_SPLITS}.")
 
 
 class FgvcJsonDataset(ImageListDataset):
@@ -168,11 +179,8 @@ class FgvcJsonDataset(ImageListDataset):
             raise DataNotFoundError(f"FGVC dataset {dataset!r} (json layout), split {split!r}: missing "
                                     f"{', '.join(str(root / name) for name in missing)}. "
                                     + _layouts_message(root, info))
-        raw = {
-            name.removesuffix(".json"): [(path, int(class_id)) for path, class_id in
-                                         json.loads((root / name).read_text()).items()]
-            for name in JSON_FILES if (root / name).is_file()
-        }
+        raw = {name.removesuffix(".json"): _read_json_split(root / name) for name in JSON_FILES
+               if (root / name).is_file()}
         self.dataset = dataset
         self.split = split
         super().__init__(*_select(raw, split, root, info), transform)
@@ -193,7 +201,7 @@ class FgvcOfficialDataset(ImageListDataset):
 
     Raises:
         DataNotFoundError: If an official metadata file is missing.
-        ValueError: If ``split`` is ``val`` and the official metadata has no validation split.
+        ConfigError: If ``split`` is ``val`` and the official metadata has no validation split (a ``ValueError``).
     """
 
     protocol = "fgvc"
@@ -215,8 +223,8 @@ class FgvcOfficialDataset(ImageListDataset):
                                     + _layouts_message(root, info))
         raw = OFFICIAL_READERS[dataset](root)
         if split == "val" and "val" not in raw:
-            raise ValueError(f"The official {info.full_name} metadata has no validation split; use 'train', "
-                             "'trainval' (= train) or 'test', or VPT's json layout for 'val'.")
+            raise ConfigError(f"The official {info.full_name} metadata has no validation split; use 'train', "
+                              "'trainval' (= train) or 'test', or VPT's json layout for 'val'.")
         self.dataset = dataset
         self.split = split
         super().__init__(*_select(raw, split, root, info), transform)

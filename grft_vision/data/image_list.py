@@ -4,8 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+from .errors import DataNotFoundError
 
 __all__ = ["ImageListDataset"]
 
@@ -38,10 +40,23 @@ class ImageListDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        """Returns ``(image, label)``: the transformed image (a PIL RGB image without transform)."""
+        """Returns ``(image, label)``: the transformed image (a PIL RGB image without transform).
+
+        Raises:
+            DataNotFoundError: the image file is missing, unreadable, truncated or not an image (the
+                message names the file).
+        """
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = image.convert("RGB")
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except FileNotFoundError:
+            raise DataNotFoundError(f"image {path} (sample {index}) does not exist; restore it, or remove its "
+                                    "line from the split's list.") from None
+        except (UnidentifiedImageError, OSError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DataNotFoundError(f"image {path} (sample {index}) cannot be read ({reason}); replace the file, "
+                                    "or remove its line from the split's list.") from None
         if self.transform is not None:
             image = self.transform(image)
         return image, label

@@ -24,6 +24,7 @@ from tensorflow_datasets.core.file_adapters import FileFormat
 from tensorflow_datasets.core.utils.file_utils import list_dataset_versions
 from torch.utils.data import Dataset
 
+from ..config import ConfigError
 from .errors import DataNotFoundError
 from .image_list import ImageListDataset
 from .vtab_tasks import VTAB_SPLITS, VTAB_TASKS, VtabTask
@@ -44,12 +45,12 @@ def get_vtab_task(task: str | VtabTask) -> VtabTask:
     """Looks a task up by project name (a :class:`VtabTask` is returned as is).
 
     Raises:
-        ValueError: If the name is not one of the 19 VTAB tasks.
+        ConfigError: If the name is not one of the 19 VTAB tasks (a ``ValueError``).
     """
     if isinstance(task, VtabTask):
         return task
     if task not in VTAB_TASKS:
-        raise ValueError(f"Unknown VTAB task {task!r}; expected one of {sorted(VTAB_TASKS)}.")
+        raise ConfigError(f"Unknown VTAB task {task!r}; expected one of {sorted(VTAB_TASKS)}.")
     return VTAB_TASKS[task]
 
 
@@ -161,7 +162,7 @@ class VtabTfdsDataset(Dataset):
         DataNotFoundError: If the data is not prepared in array_record (or parquet) format, or
             ``download=True`` cannot build it (no TensorFlow, missing manual files). The message names
             the task, the data_dir and the commands that prepare it.
-        ValueError: If the task or split name is unknown.
+        ConfigError: If the task or split name is unknown (a ``ValueError``).
     """
 
     protocol = "vtab_tfds"
@@ -208,12 +209,15 @@ class VtabTfdsDataset(Dataset):
 # --------------------------------------------------------------------------------------------------------
 
 def _folder_layout_error(task: VtabTask, root: Path, list_file: Path) -> DataNotFoundError:
-    where = f"root {str(root)!r} does not exist" if not root.is_dir() else f"{list_file} does not exist"
-    return DataNotFoundError(
-        f"VTAB task {task.name!r} (folder layout): expected the list file {list_file}, but {where}.\n"
+    if root.is_dir():
+        where = f"{list_file} does not exist"
+    else:
+        where = f"root {str(root)!r} {'is not a folder' if root.exists() else 'does not exist'}"
+    return DataNotFoundError(  # one line: the command-line scripts print it as their error
+        f"VTAB task {task.name!r} (folder layout): expected the list file {list_file}, but {where}. "
         f"The NOAH/SSF/GPS layout is <root>/<task folder>/{{{','.join(VTAB_SPLITS)}}}.txt, each line "
         f"'relative/path.jpg label' with paths relative to <root>/<task folder>/; the folder of "
-        f"{task.name!r} is {task.folder_name!r}.\n"
+        f"{task.name!r} is {task.folder_name!r}. "
         f"Alternatively, read the task from TFDS (VtabTfdsDataset, layout='tfds'), prepared with: "
         f"{TFDS_PREPARE_INSTALL} && tfds build {task.tfds_id} --data_dir DIR --file_format array_record"
     )
@@ -232,24 +236,29 @@ def read_vtab_list(root: str | os.PathLike, task: str | VtabTask, split: str) ->
 
     Raises:
         DataNotFoundError: If the root or the list file is missing.
-        ValueError: If the split is unknown or a label is outside ``[0, num_classes)``.
+        ConfigError: If the split is unknown, a line is not ``path label`` or a label is outside
+            ``[0, num_classes)`` (a ``ValueError``; the message names the file and line).
     """
     task = get_vtab_task(task)
     if split not in VTAB_SPLITS:
-        raise ValueError(f"Unknown VTAB split {split!r}; expected one of {VTAB_SPLITS}.")
+        raise ConfigError(f"Unknown VTAB split {split!r}; expected one of {VTAB_SPLITS}.")
     root = Path(root).expanduser()
     task_dir = root / task.folder_name
     list_file = task_dir / f"{split}.txt"
     if not list_file.is_file():
         raise _folder_layout_error(task, root, list_file)
     samples = []
-    for line in list_file.read_text().splitlines():
+    for number, line in enumerate(list_file.read_text().splitlines(), 1):
         if line.strip():
-            path, label = line.rsplit(maxsplit=1)
-            samples.append((task_dir / path, int(label)))
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise ConfigError(f"{list_file}, line {number}: expected 'relative/path.jpg label', got "
+                                  f"{line.strip()[:80]!r}; fix or remove the line.")
+            samples.append((task_dir / parts[0], int(parts[1])))
     bad = [label for _, label in samples if not 0 <= label < task.num_classes]
     if bad:
-        raise ValueError(f"{list_file}: labels {sorted(set(bad))[:10]} outside [0, {task.num_classes}).")
+        raise ConfigError(f"{list_file}: labels {sorted(set(bad))[:10]} outside [0, {task.num_classes}); fix the "
+                          "list file.")
     return samples
 
 

@@ -29,13 +29,14 @@ GLUE_FLAGS = {
 
 
 def resolve_settings(argv: Sequence[str] | None, config_dir: str | Path = CONFIG_DIR):
-    """``(GlueTrainConfig, GRFTConfig, resume?)`` from ``argv`` (see :func:`grft_vision.training.cli.resolve_settings`)."""
+    """``(GlueTrainConfig, GRFTConfig, start)`` from ``argv`` (see :func:`grft_vision.training.cli.resolve_settings`)."""
     return cli.resolve_settings("glue", argv, config_dir, config_cls=GlueTrainConfig, dataset_names=GLUE_TASK_NAMES,
                                 flags=GLUE_FLAGS)
 
 
 def main(argv: Sequence[str] | None, config_dir: str | Path = CONFIG_DIR) -> int:
-    """Run ``train_glue.py`` with ``argv``; returns the exit code (0 done, 1 failed run, 2 invalid input)."""
+    """Run ``train_glue.py`` with ``argv``; returns the exit code (0 done, 1 failed run, 2 invalid input,
+    130 interrupted)."""
     from .task import GlueTask  # transformers is imported once the command line is read
 
     return cli.main("glue", argv, config_dir, config_cls=GlueTrainConfig, dataset_names=GLUE_TASK_NAMES,

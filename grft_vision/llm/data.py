@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.errors import DataNotFoundError
+from ..errors import ConfigError
 
 __all__ = ["GlueTaskInfo", "GLUE_TASKS", "GLUE_TASK_NAMES", "GLUE_LAYOUTS", "GlueExample", "GlueDataset",
            "load_glue", "read_glue_tsv", "read_glue_jsonl", "tokenize_dataset", "PadCollate", "SequenceTooLongError"]
@@ -41,7 +42,7 @@ _HF_DATASET = "nyu-mll/glue"
 _SPLIT_ALIASES = {"dev": ("dev", "validation"), "validation": ("validation", "dev")}
 
 
-class SequenceTooLongError(ValueError):
+class SequenceTooLongError(ConfigError):
     """A tokenised example is longer than ``max_length`` and truncation is off."""
 
 

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import GRFTConfig
+from ..config import ConfigError, GRFTConfig
 from ..selection import BatchFeatures
 from ..training.config import TrainConfig
 from ..training.task import Task
 from .batches import TokenBatches
 from .config import GlueTrainConfig
-from .data import GLUE_TASKS, GlueDataset, PadCollate, load_glue, tokenize_dataset
+from .data import GLUE_TASKS, GlueDataset, PadCollate, SequenceTooLongError, load_glue, tokenize_dataset
 from .features import TokenFeatures
 from .metrics import glue_metrics
 from .modeling import check_max_length, load_classifier, load_tokenizer, resolve_dtype, resolve_pooling
@@ -51,8 +51,11 @@ class GlueTask(Task):
     def datasets(self, train: TrainConfig) -> tuple[Dataset, Dataset, int]:
         train = self._settings(train)
         self._task = train.dataset
-        train_set = load_glue(train.dataset, train.train_split, train.data_dir, train.layout)
-        eval_set = load_glue(train.dataset, train.eval_split, train.data_dir, train.layout)
+        try:  # load_glue's ValueErrors are about the settings or the files: an unlabelled split, a bad line
+            train_set = load_glue(train.dataset, train.train_split, train.data_dir, train.layout)
+            eval_set = load_glue(train.dataset, train.eval_split, train.data_dir, train.layout)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
         return train_set, eval_set, GLUE_TASKS[train.dataset].num_classes
 
     def build_model(self, train: TrainConfig, num_classes: int) -> nn.Module:
@@ -68,7 +71,10 @@ class GlueTask(Task):
     def prepare_data(self, train: TrainConfig, model: nn.Module, train_set: Dataset, eval_set: Dataset) -> None:
         train = self._settings(train)
         for dataset in (train_set, eval_set):
-            tokenize_dataset(dataset, self.tokenizer, train.max_length, train.truncation)
+            try:
+                tokenize_dataset(dataset, self.tokenizer, train.max_length, train.truncation)
+            except SequenceTooLongError as error:  # truncation=false and a longer example
+                raise ConfigError(str(error)) from error
         self.collate_fn = PadCollate(self.tokenizer.pad_token_id, self.tokenizer.padding_side)
         self._train_set = train_set
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..files import atomic_write
 from .topk import _reduce_columns
 
 __all__ = ["LayerSelection", "SelectionRecord", "candidate_scores", "write_json_atomic"]
@@ -103,15 +103,7 @@ class SelectionRecord:
 
 
 def write_json_atomic(path: str | os.PathLike, payload: object) -> Path:
-    """Write ``payload`` as indented JSON through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(payload, stream, indent=1)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-    return path
+    """Write ``payload`` as indented JSON, all or nothing (:func:`grft_vision.files.atomic_write`)."""
+    with atomic_write(path, "w") as handle:
+        json.dump(payload, handle, indent=1)
+    return Path(path)

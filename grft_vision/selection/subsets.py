@@ -3,21 +3,52 @@ whose selection loss is smallest, and compute the selection gradient on it alone
 
 Subsets are a seeded random partition of the dataset indices (n = 1: the whole set). Every subset is
 read through a fresh ``DataLoader`` with the original loader's batch size, collate function and workers,
-in a fixed seeded order, so that the same seed gives the same batches and the gradient pass over the
-chosen subset sees exactly the batches whose loss was measured.
+in a fixed seeded order, and every item is drawn with the random generators seeded from the seed and its
+index (:class:`SeededItems`), so that the batches, random augmentations included, depend only on the seed
+and the data: not on the number of workers, and the gradient pass over the chosen subset sees exactly the
+batches whose loss was measured.
 """
 from __future__ import annotations
 
+import random
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .topk import SelectionError
 
-__all__ = ["split_subsets", "subset_loader", "mean_subset_loss"]
+__all__ = ["split_subsets", "subset_loader", "mean_subset_loss", "SeededItems"]
+
+
+class SeededItems(Dataset):
+    """``dataset[i]`` drawn with torch's, Python's and NumPy's global generators seeded from ``(seed, i)``.
+
+    The generators' states are restored afterwards, so reading an item consumes no randomness of the
+    caller; whichever process or worker reads item ``i``, and however often, it gets the same augmentation.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        high, low = np.random.SeedSequence([self.seed, int(index)]).generate_state(2)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(int(high) << 32 | int(low))  # the CPU generator transforms use
+            random.seed(int(high) << 32 | int(low))
+            np.random.seed(int(low))
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
 
 
 def split_subsets(num_items: int, num_subsets: int, seed: int) -> list[torch.Tensor]:
@@ -31,14 +62,17 @@ def split_subsets(num_items: int, num_subsets: int, seed: int) -> list[torch.Ten
 
 
 def subset_loader(loader: DataLoader, indices: torch.Tensor, seed: int, batch_size: int | None = None) -> DataLoader:
-    """A loader over ``indices`` of ``loader.dataset`` in a seeded random order, with its batching and workers."""
+    """A loader over ``indices`` of ``loader.dataset`` in a seeded random order, with its batching and workers.
+
+    Items are read through :class:`SeededItems` with ``seed``, so the batches do not depend on the workers.
+    """
     batch_size = batch_size or loader.batch_size
     if batch_size is None:
         raise SelectionError("the data loader uses a custom batch sampler; set selection_batch_size.")
     generator = torch.Generator().manual_seed(seed)
     order = indices[torch.randperm(len(indices), generator=generator)]
     return DataLoader(  # a fixed shuffled order: every pass over the loader sees the same batches
-        Subset(loader.dataset, order.tolist()),
+        Subset(SeededItems(loader.dataset, seed), order.tolist()),
         batch_size=batch_size,
         shuffle=False,
         generator=generator,

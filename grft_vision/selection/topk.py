@@ -11,7 +11,8 @@ It is reduced by summation to one value per candidate, then the k largest candid
 - ``tap_column`` (convolutions): one candidate per column of the ``[out, in/groups*kh*kw]`` view, i.e.
   one input channel at one kernel tap, as GPS and the GRFT paper reshape conv weights.
 
-Ties are broken towards the lower index (stable sort), so equal scores give equal selections.
+Ties are broken towards the lower index (stable sort), so equal scores give equal selections. A NaN or
+infinite score is refused: it would sort above every real score and choose its row silently.
 """
 from __future__ import annotations
 
@@ -97,8 +98,17 @@ def choose_indices(
         int64 indices, ascending: ``[k]`` output rows (row), ``[k]`` global input channels (column), ``[k]``
         columns of the ``[out, in/groups*kh*kw]`` view (tap_column), or ``[out, k]`` flat positions within
         each row of that view (sparse).
+
+    Raises:
+        SelectionError: k does not fit the layer, or a score is NaN or infinite.
     """
     count = resolve_k(k, candidate_count(score.shape, structure, groups), layer_name, structure, clamp)
+    finite = torch.isfinite(score.detach())
+    if not bool(finite.all()):
+        raise SelectionError(
+            f"layer {layer_name!r}: {int((~finite).sum())} of its {score.numel()} scores are NaN or inf, so its "
+            "top-k would be arbitrary. Check the data and the model's weights for NaN/inf, or select in fp32 "
+            "(--no-amp).")
     values = score.detach().double()
     if structure == "row":
         return _top_k_sorted(values.reshape(values.shape[0], -1).sum(1), count)

@@ -5,40 +5,62 @@ other scripts (``train_glue.py``) also pass their settings class (a :class:`Trai
 dataset names, their flags and their :class:`~grft_vision.training.task.Task`.
 Settings are resolved in this order, later wins: :class:`TrainConfig` / :class:`GRFTConfig` defaults,
 ``configs/<benchmark>/defaults.yaml``, ``configs/<benchmark>/<dataset>.yaml``, ``--config FILE``,
-``--set key=value``, then the dedicated flags. Invalid input ends the process with one ``error:`` message
-and exit code 2; a run that fails (e.g. a non-finite loss) exits with 1.
+``--set key=value``, then the dedicated flags.
+
+Exit codes: 0 done; 2 invalid input or environment (one ``error:`` line naming the value and the fix: a bad
+flag or setting, missing data or weights, a run directory that holds another run, a full disk, no CUDA);
+1 a run that fails (a non-finite loss, a diverging run; the last good checkpoint stays); 130 interrupted
+(Ctrl-C; the line names the checkpoint to ``--resume`` from). Any other exception is a bug and keeps its
+traceback.
 """
 from __future__ import annotations
 
 import argparse
-import difflib
+import errno
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Sequence
 
+import torch
 import yaml
+from safetensors import SafetensorError
 
-from ..adapter import AdapterError
-from ..config import ConfigError, GRFTConfig
-from ..data import DATASET_NAMES, DataNotFoundError, dataset_num_classes
-from ..selection import SelectionError
-from .config import TrainConfig, load_layers, split_settings
-from .loop import TrainingError
-from .model_factory import ModelLoadError
+from ..config import GRFTConfig
+from ..data import DATASET_NAMES, dataset_num_classes
+from ..errors import ConfigError, GRFTError, TrainingError, did_you_mean
+from .config import TrainConfig, load_layers, split_settings, yaml_problem
 
 if TYPE_CHECKING:
     from .task import Task
 
-__all__ = ["build_parser", "resolve_settings", "main", "FLAGS", "check_dataset_name"]
+__all__ = ["build_parser", "resolve_settings", "main", "FLAGS", "check_dataset_name", "USER_ERRORS", "error_message",
+           "describe_os_error"]
 
 BENCHMARK_SPLITS = {"vtab": "train800val200", "fgvc": "trainval"}
 Flags = Mapping[str, tuple[str, dict[str, Any]]]
 _NOT_SCORES = {"epoch", "loss", "task_loss", "reg_loss"}  # history entries that are not evaluation scores
+# the library's errors about what the user gave (exit 2); TrainingError (exit 1) is a run that failed
+USER_ERRORS = (GRFTError,)
+EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage text is what ``--help`` is for)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INVALID, f"error: {message}; see {self.prog} --help.\n")
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid YAML value ({yaml_problem(error)})") from None
 
 
 def _number(text: str) -> int | float:
     """``"2"`` -> 2 (a count), ``"0.01"`` -> 0.01 (a fraction)."""
-    value = yaml.safe_load(text)
+    value = _yaml_value(text)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
     return value
@@ -46,9 +68,14 @@ def _number(text: str) -> int | float:
 
 def _assignment(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
-    if not sep or not key:
+    if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    return key.strip().replace("-", "_"), yaml.safe_load(value)
+    key = key.strip().replace("-", "_")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise argparse.ArgumentTypeError(f"{key}={value!r} is not a valid YAML value ({yaml_problem(error)}); "
+                                         "fix it, or quote it to pass text") from None
 
 
 # flag -> (setting key, argparse keyword arguments); every flag defaults to "not given"
@@ -71,12 +98,13 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--seed": ("seed", {"type": int}),
     "--num-subsets": ("num_subsets", {"type": int}),
     "--reg-lambda": ("reg_lambda", {"type": float}),
-    "--reg-blocks": ("reg_blocks", {"type": yaml.safe_load}),
+    "--reg-blocks": ("reg_blocks", {"type": _yaml_value}),
     "--selection-views": ("selection_views", {"type": int}),
     "--run-dir": ("run_dir", {}),
     "--logdir": ("logdir", {}),
     "--eval-every": ("eval_every", {"type": int}),
     "--device": ("device", {}),
+    "--divergence-factor": ("divergence_factor", {"type": float}),
 }
 
 
@@ -90,7 +118,7 @@ def build_parser(benchmark: str, *, config_cls: type[TrainConfig] = TrainConfig,
         dataset_names: valid ``--dataset`` values; None: the vision datasets.
         flags: ``{flag: (setting key, argparse options)}``; None: :data:`FLAGS`.
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description=f"GRFT fine-tuning on {benchmark.upper()} (flags override config files).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(dataset_names or DATASET_NAMES)}")
@@ -106,7 +134,10 @@ def build_parser(benchmark: str, *, config_cls: type[TrainConfig] = TrainConfig,
     parser.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
                         help="disable mixed precision on CUDA")
     parser.add_argument("--quiet", action="store_const", const=True, default=None, help="no progress bars")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start a new run in --run-dir even if it holds one (its files are deleted)")
     parser.add_argument("--config", dest="config_files", action="append", default=[], metavar="FILE",
                         help="extra YAML settings file (repeatable)")
     parser.add_argument("--set", dest="assignments", action="append", default=[], type=_assignment,
@@ -123,35 +154,35 @@ def _help(key: str, config_cls: type[TrainConfig] = TrainConfig) -> str:
 
 
 def check_dataset_name(name: str, valid: Sequence[str]) -> None:
-    """Raise ValueError naming the closest and all valid names when ``name`` is not in ``valid``."""
+    """Raise ConfigError naming the closest and all valid names when ``name`` is not in ``valid``."""
     if name not in valid:
-        close = difflib.get_close_matches(name, list(valid), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown dataset {name!r}.{hint} Valid names: {', '.join(valid)}.")
+        raise ConfigError(f"Unknown dataset {name!r}.{did_you_mean(name, valid)} Valid names: {', '.join(valid)}.")
 
 
 def resolve_settings(benchmark: str, argv: Sequence[str] | None, config_dir: str | Path, *,
                      config_cls: type[TrainConfig] = TrainConfig, dataset_names: Sequence[str] | None = None,
-                     flags: Flags | None = None) -> tuple[TrainConfig, GRFTConfig, bool]:
-    """Parse ``argv`` and resolve every setting; returns ``(train config, GRFT config, resume?)``.
+                     flags: Flags | None = None) -> tuple[TrainConfig, GRFTConfig, str]:
+    """Parse ``argv`` and resolve every setting; returns ``(train config, GRFT config, start)``.
 
+    ``start`` is ``"resume"`` (``--resume``), ``"overwrite"`` (``--overwrite``) or ``"new"``.
     ``config_cls``, ``dataset_names`` and ``flags`` describe the script (see :func:`build_parser`); the
     defaults are those of the vision scripts.
 
     Raises:
-        ConfigError: an unknown key in a file or ``--set``, or an invalid value.
-        ValueError: an unknown dataset name (the message lists the valid ones).
+        ConfigError: an unknown dataset name (the message lists the valid ones), an unknown key in a file or
+            ``--set``, a file that is not valid YAML, or an invalid value.
     """
     args = build_parser(benchmark, config_cls=config_cls, dataset_names=dataset_names, flags=flags).parse_args(argv)
     if dataset_names is None:
-        dataset_num_classes(args.dataset)  # raises ValueError listing the valid names
+        dataset_num_classes(args.dataset)  # raises ConfigError listing the valid names
     else:
         check_dataset_name(args.dataset, dataset_names)
     config_dir = Path(config_dir)
     files = [config_dir / "defaults.yaml", config_dir / f"{args.dataset}.yaml", *map(Path, args.config_files)]
-    missing = [str(path) for path in files[2:] if not path.is_file()]
-    if missing:
-        raise ConfigError(f"config file {missing[0]} does not exist.")
+    for path in files[2:]:
+        if not path.is_file():
+            state = "is not a file" if path.exists() else "does not exist"
+            raise ConfigError(f"config file {path} {state}; pass a YAML file of settings to --config.")
     settings = load_layers((path for path in files if path.is_file()), config_cls)
     if benchmark in BENCHMARK_SPLITS:
         settings.setdefault("train_split", BENCHMARK_SPLITS[benchmark])
@@ -164,13 +195,13 @@ def resolve_settings(benchmark: str, argv: Sequence[str] | None, config_dir: str
         if getattr(args, flag) is not None:
             settings.update(structure=structure, k=getattr(args, flag))
     train, grft = split_settings(settings, "command line", config_cls)
-    return train, grft, args.resume
+    return train, grft, "resume" if args.resume else "overwrite" if args.overwrite else "new"
 
 
 def main(benchmark: str, argv: Sequence[str] | None, config_dir: str | Path, *,
          config_cls: type[TrainConfig] = TrainConfig, dataset_names: Sequence[str] | None = None,
          flags: Flags | None = None, task: Task | None = None) -> int:
-    """Run ``train_<benchmark>.py``: resolve settings, train, evaluate. Returns the exit code.
+    """Run ``train_<benchmark>.py``: resolve settings, train, evaluate. Returns the exit code (see the module).
 
     Args:
         benchmark, argv, config_dir: the script's benchmark name, its arguments, its config folder.
@@ -179,16 +210,24 @@ def main(benchmark: str, argv: Sequence[str] | None, config_dir: str | Path, *,
     """
     from .runner import run  # heavy imports only once the arguments are valid
 
+    train = None
     try:
-        train, grft, resume = resolve_settings(benchmark, argv, config_dir, config_cls=config_cls,
-                                               dataset_names=dataset_names, flags=flags)
-        metrics = run(train, grft, resume=resume, task=task)
-    except (ConfigError, DataNotFoundError, SelectionError, AdapterError, ModelLoadError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        train, grft, start = resolve_settings(benchmark, argv, config_dir, config_cls=config_cls,
+                                              dataset_names=dataset_names, flags=flags)
+        metrics = run(train, grft, resume=start == "resume", overwrite=start == "overwrite", task=task)
     except TrainingError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return _fail(EXIT_FAILED, error_message(error))
+    except USER_ERRORS as error:
+        return _fail(EXIT_INVALID, error_message(error))
+    except OSError as error:  # disk full, permissions, a folder where a file should be, ...
+        return _fail(EXIT_INVALID, describe_os_error(error))
+    except SafetensorError as error:
+        return _fail(EXIT_INVALID, f"a .safetensors file is truncated or corrupt ({_one_line(error)}); replace it.")
+    except torch.cuda.OutOfMemoryError:
+        return _fail(EXIT_INVALID, "out of GPU memory; lower --batch-size (and selection_batch_size) and start "
+                                   "again with --overwrite.")
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, _interrupted(train), prefix="interrupted")
     if task is None:
         print(f"test top-1: {metrics['top1']:.4f}  (run directory: {metrics['run_dir']})")
     else:
@@ -197,3 +236,48 @@ def main(benchmark: str, argv: Sequence[str] | None, config_dir: str | Path, *,
         scores = "  ".join(f"{name} {last[name]:.4f}" for name in names)
         print(f"{train.eval_split}: {scores}  (run directory: {metrics['run_dir']})")
     return 0
+
+
+def _fail(code: int, message: str, prefix: str = "error") -> int:
+    print(f"{prefix}: {message}", file=sys.stderr)
+    return code
+
+
+def error_message(error: BaseException) -> str:
+    """The library error's message; a DataLoader worker's copy is cut back to the original message."""
+    text = str(error).strip() or type(error).__name__
+    if "Original Traceback" in text:  # torch re-raises a worker's error with the worker's traceback in it
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def _one_line(error: BaseException) -> str:
+    """Another library's message, on one line."""
+    return " ".join(error_message(error).split())
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line naming the file and what to do, for the environment errors a run meets."""
+    where = f" {error.filename}" if error.filename is not None else ""
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return (f"no space left on the device while writing{where}; free some space, then run again (with --resume "
+                "once the run has a checkpoint).")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied:{where}; choose a path you can write to (e.g. --run-dir) or fix its permissions."
+    if error.errno == errno.ENOENT:
+        return f"no such file or directory:{where}; check the path."
+    if error.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return f"{error.strerror}:{where}; a file stands where a folder is needed (or the reverse); fix the path."
+    return f"{error.strerror or _one_line(error)}:{where}; check the path and the device."
+
+
+def _interrupted(train: TrainConfig | None) -> str:
+    """What to tell after Ctrl-C: where the last checkpoint is and how to continue from it."""
+    if train is None or train.run_dir is None:
+        return "stopped before the run started; nothing was written."
+    checkpoint = Path(train.run_dir) / "checkpoint.pt"
+    if checkpoint.is_file():
+        return f"the last checkpoint is {checkpoint}; continue with the same command plus --resume."
+    if Path(train.run_dir).is_dir() and any(Path(train.run_dir).iterdir()):
+        return f"stopped before the first checkpoint of {train.run_dir}; start again with --overwrite."
+    return "stopped before the run wrote anything; start it again."

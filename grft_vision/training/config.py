@@ -8,18 +8,29 @@ and the closest valid key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping
 
+import torch
 import yaml
+from timm.optim import list_optimizers
+from timm.scheduler import create_scheduler_v2
 
-from ..config import ConfigError, GRFTConfig, coerce_numbers
+from ..config import GRFTConfig, check_field_types, check_range, coerce_numbers
+from ..errors import ConfigError, did_you_mean
 
-__all__ = ["TrainConfig", "METHODS", "load_layers", "split_settings", "resolved_settings"]
+__all__ = ["TrainConfig", "METHODS", "INTERPOLATIONS", "load_layers", "split_settings", "resolved_settings",
+           "max_workers", "yaml_problem"]
 
 METHODS = ("grft", "full", "head")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")  # timm's names
+
+
+def max_workers() -> int:
+    """The most DataLoader workers a run may ask for: the CPU cores of this machine, at least 8."""
+    return max(8, os.cpu_count() or 1)
 
 
 @dataclass
@@ -56,12 +67,16 @@ class TrainConfig:
     warmup_lr: float = field(default=1e-7, metadata={"help": "Learning rate at the start of warm-up."})
     min_lr: float = field(default=1e-8, metadata={"help": "Learning rate at the end of the cosine."})
     sched: str = field(default="cosine", metadata={"help": "timm scheduler name (create_scheduler_v2)."})
-    clip_grad: float | None = field(default=None, metadata={"help": "Clip the gradient norm to this value."})
+    clip_grad: float | None = field(default=None, metadata={"help": "Clip the gradient norm to this value (> 0)."})
     mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (0: off)."})
     cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off)."})
     smoothing: float = field(default=0.0, metadata={"help": "Label smoothing."})
     amp: bool = field(default=True, metadata={"help": "Mixed precision on CUDA (bf16 where supported)."})
     seed: int = field(default=42, metadata={"help": "Seed of the model head, data order and selection."})
+    divergence_factor: float = field(default=10.0, metadata={
+        "help": "Stop the run as diverged when the training loss stays above this many times its first-step value "
+                "(and above this number) for divergence_window steps in a row; 0 disables the check."})
+    divergence_window: int = field(default=20, metadata={"help": "Steps the loss must stay that high to stop."})
     # --- outputs ----------------------------------------------------------------------------------
     run_dir: str | None = field(default=None, metadata={"help": "Output directory; None: runs/<dataset>/<time>."})
     logdir: str | None = field(default=None, metadata={"help": "TensorBoard directory; None: <run_dir>/tb."})
@@ -73,13 +88,51 @@ class TrainConfig:
     warmup_ratio: ClassVar[float] = 0.0  # linear warm-up over this share of the updates of ``epochs``
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not known; use one of {', '.join(METHODS)}.")
-        for name in ("epochs", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1.")
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"warmup_epochs={self.warmup_epochs!r} must be >= 0.")
+        for name in ("epochs", "batch_size", "eval_every", "synthetic_classes", "synthetic_samples", "img_size",
+                     "divergence_window"):
+            check_range(self, name, low=1)
+        for name in ("warmup_epochs", "seed", "weight_decay", "warmup_lr", "min_lr", "mixup", "cutmix"):
+            check_range(self, name, low=0)
+        if not 0 <= self.workers <= max_workers():
+            raise ConfigError(f"workers={self.workers!r} must be in [0, {max_workers()}]: each loader starts that "
+                              "many processes, and more than the CPU cores only cost memory.")
+        check_range(self, "synthetic_image_size", low=4)
+        check_range(self, "lr", low=0, low_open=True)
+        check_range(self, "clip_grad", low=0, low_open=True)
+        check_range(self, "drop_path", low=0, high=1, high_open=True)
+        check_range(self, "smoothing", low=0, high=1, high_open=True)
+        if self.divergence_factor != 0:
+            check_range(self, "divergence_factor", low=1, low_open=True)
+        self._check_names()
+
+    def _check_names(self) -> None:
+        """Values timm or torch would refuse only later: optimizer, schedule, interpolation, mean/std, device."""
+        optimizer = self.opt.lower().removeprefix("lookahead_")
+        if optimizer not in list_optimizers():
+            raise ConfigError(f"opt={self.opt!r} is not a timm optimizer.{did_you_mean(optimizer, list_optimizers())} "
+                              "See timm.optim.list_optimizers().")
+        if self.sched != "linear":
+            try:
+                create_scheduler_v2(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), sched=self.sched)
+            except ValueError:
+                raise ConfigError(f"sched={self.sched!r} is not a timm scheduler; use linear, cosine, tanh, step, "
+                                  "multistep, poly, constant or none.") from None
+        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"interpolation={self.interpolation!r} is not known; use one of "
+                              f"{', '.join(INTERPOLATIONS)}.")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):
+                raise ConfigError(f"{name}={value!r} must be 3 numbers, one per RGB channel"
+                                  + (", each > 0." if name == "std" else "."))
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"device={self.device!r} is not a torch device; use cpu, cuda or cuda:N.") from None
 
     @property
     def total_epochs(self) -> int:
@@ -100,7 +153,10 @@ def load_layers(paths: Iterable[str | Path], config_cls: type[TrainConfig] = Tra
     merged: dict[str, Any] = {}
     for path in paths:
         with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
+            try:
+                values = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:
+                raise ConfigError(f"{path}: not valid YAML ({yaml_problem(error)}); fix the file.") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of settings, got {type(values).__name__}.")
         _check_keys(values, str(path), config_cls)
@@ -108,13 +164,18 @@ def load_layers(paths: Iterable[str | Path], config_cls: type[TrainConfig] = Tra
     return merged
 
 
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """A one-line description of a YAML parse error: what and where (line, column)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def _check_keys(values: Mapping[str, Any], where: str, config_cls: type[TrainConfig] = TrainConfig) -> None:
     known = _field_names(config_cls) | _field_names(GRFTConfig)
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: unknown setting {key!r}.{hint}")
+            raise ConfigError(f"{where}: unknown setting {key!r}.{did_you_mean(key, known)}")
 
 
 def split_settings(values: Mapping[str, Any], where: str = "settings",

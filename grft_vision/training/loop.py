@@ -3,6 +3,10 @@
 Both functions are task-agnostic: a :class:`Batches` object turns a loader's batch into model inputs and
 targets and runs the model, so the vision scripts (``(images, labels)``) and the language-model script
 (dicts of token tensors) share the loop.
+
+A run that diverges stops with :class:`TrainingError`: at once for a non-finite loss, after
+``window`` steps in a row of a loss far above its start (:class:`DivergenceWatch`), and before a
+checkpoint for a non-finite parameter (:func:`check_finite_parameters`).
 """
 from __future__ import annotations
 
@@ -20,7 +24,53 @@ from ..regularization import L2ToPretrained
 from .distributed import DistributedContext
 from .monitor import Monitor
 
-__all__ = ["Batches", "ImageBatches", "Precision", "train_one_epoch", "evaluate", "TrainingError"]
+__all__ = ["Batches", "ImageBatches", "Precision", "train_one_epoch", "evaluate", "TrainingError",
+           "DivergenceWatch", "check_finite_parameters"]
+
+_ADVICE = "lower the learning rate (--lr) or clip the gradient (--set clip_grad=1), and start a new run"
+
+
+class DivergenceWatch:
+    """Declares a run diverged when its training loss stays far above its starting value.
+
+    The rule: with ``threshold = factor * max(first-step loss, 1)``, the run has diverged when ``window``
+    consecutive steps have a loss above ``threshold``. The floor of 1 keeps a run that starts near zero
+    loss from being stopped by ordinary noise. ``factor=0`` disables the watch. Its state (the first loss
+    and the current streak) is saved in checkpoints, so a resumed run applies the same rule.
+    """
+
+    def __init__(self, factor: float, window: int) -> None:
+        self.factor, self.window = factor, window
+        self.first_loss: float | None = None
+        self.streak = 0
+
+    def update(self, loss: float, epoch: int, step: int) -> None:
+        """Count one step's loss (the mean over processes); raises :class:`TrainingError` once diverged."""
+        if self.factor == 0:
+            return
+        if self.first_loss is None:
+            self.first_loss = loss
+        threshold = self.factor * max(self.first_loss, 1.0)
+        self.streak = self.streak + 1 if loss > threshold else 0
+        if self.streak >= self.window:
+            raise TrainingError(
+                f"the run diverged at epoch {epoch + 1}, step {step}: the training loss ({loss:.4g}) stayed above "
+                f"{threshold:.4g} ({self.factor:g} x max(first loss {self.first_loss:.4g}, 1)) for {self.window} "
+                f"steps; {_ADVICE} (or --set divergence_factor=0 to train on regardless).")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first_loss": self.first_loss, "streak": self.streak}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.first_loss, self.streak = state["first_loss"], state["streak"]
+
+
+def check_finite_parameters(model: nn.Module, epoch: int) -> None:
+    """Raise :class:`TrainingError` naming the first trainable parameter holding NaN or inf."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
+            raise TrainingError(f"the run diverged in epoch {epoch + 1}: parameter {name!r} holds NaN or inf; "
+                                f"{_ADVICE}.")
 
 
 class Batches:
@@ -79,16 +129,18 @@ def train_one_epoch(
     progress: bool = True,
     scheduler: Any = None,
     before_step: Callable[[int], Any] | None = None,
+    divergence: DivergenceWatch | None = None,
 ) -> tuple[dict[str, float], int]:
     """Optimise over one pass of ``loader``; returns the epoch's mean losses and the new global step.
 
     The loss is ``task loss + regulariser`` (the paper's L_R); both parts are logged per step. A timm
     ``scheduler`` given here is stepped after every update (``step_update(global step)``) and the learning
     rate logged per step; epoch-based schedules are stepped by the caller instead. ``before_step(global step)``
-    runs before every update (the mask schedules of :mod:`grft_vision.selection.schedules`).
+    runs before every update (the mask schedules of :mod:`grft_vision.selection.schedules`); ``divergence``
+    sees every step's loss.
 
     Raises:
-        TrainingError: the loss is not finite.
+        TrainingError: the loss is not finite, or ``divergence`` declares the run diverged.
     """
     model.train()
     totals = {"loss": 0.0, "task_loss": 0.0, "reg_loss": 0.0}
@@ -107,7 +159,7 @@ def train_one_epoch(
         if not math.isfinite(float(loss.detach())):
             raise TrainingError(f"the training loss is {float(loss.detach())} at epoch {epoch + 1}, step {steps + 1} "
                                 f"(task {float(task_loss.detach())}, regulariser {float(reg_loss.detach())}); "
-                                "lower the learning rate or check the data for NaN/inf.")
+                                f"{_ADVICE}, or check the data for NaN/inf.")
         optimizer.zero_grad(set_to_none=True)
         if precision.scaler is not None:
             precision.scaler.scale(loss).backward()
@@ -129,6 +181,8 @@ def train_one_epoch(
         steps += 1
         global_step += 1
         monitor.scalars({f"train/{key}": value for key, value in values.items()}, global_step)
+        if divergence is not None:
+            divergence.update(values["loss"], epoch, steps)
         if scheduler is not None:
             monitor.scalars({"train/lr": optimizer.param_groups[0]["lr"]}, global_step)
             scheduler.step_update(num_updates=global_step)

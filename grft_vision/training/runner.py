@@ -2,14 +2,20 @@
 
 data -> model -> selection (SupCon gradients, main process) -> ``apply_grft`` -> optimizer on the trainable
 tensors + L2-to-pretrained -> schedule with warm-up -> evaluation -> outputs. The run directory
-receives ``config.yaml``, ``selection.json``, ``adapter.safetensors``, ``checkpoint.pt`` (every epoch,
-atomic), ``metrics.json`` and TensorBoard events; ``resume=True`` continues from the checkpoint to the
-result an uninterrupted run gives.
+receives ``config.yaml``, ``selection.json``, ``adapter.safetensors``, ``checkpoint.pt`` (every epoch),
+``metrics.json`` and TensorBoard events, every file written atomically; ``resume=True`` continues from the
+checkpoint to the result an uninterrupted run gives.
+
+A run directory belongs to one run: a new run refuses a directory that holds files unless
+``overwrite=True`` (which deletes the old run's files), and a resume refuses a checkpoint whose settings
+are not the run's (a stale checkpoint of an earlier run in the same directory).
 """
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
@@ -26,23 +32,29 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ..adapter import adapter_state, apply_adapter_state, save_adapter
 from ..anatomy import grft_layers, head_module_names
-from ..config import ConfigError, GRFTConfig
-from ..model import DEFAULT_ADAPTER, add_adapter, apply_grft
+from ..config import GRFTConfig
+from ..errors import ConfigError
+from ..files import atomic_write, remove_temporaries
+from ..model import DEFAULT_ADAPTER, add_adapter, apply_grft, check_targets
 from ..regularization import L2ToPretrained
 from ..selection.record import write_json_atomic
 from ..selection.schedules import MaskSchedule, create_schedule
 from ..trainable import trainable_parameters_report
 from .checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
-from .config import TrainConfig, resolved_settings
+from .config import TrainConfig, resolved_settings, yaml_problem
 from .distributed import DistributedContext
-from .loop import Precision, evaluate, train_one_epoch
+from .loop import DivergenceWatch, Precision, check_finite_parameters, evaluate, train_one_epoch
 from .monitor import Monitor
 from .task import Task, VisionTask
 
-__all__ = ["run", "seed_everything", "create_scheduler"]
+__all__ = ["run", "seed_everything", "create_scheduler", "RUN_FILES"]
 
 # settings that may differ between a run and its resumption
-_RESUME_FREE = {"run_dir", "logdir", "quiet", "workers", "device", "eval_every"}
+_RESUME_FREE = {"run_dir", "logdir", "quiet", "workers", "device", "eval_every", "divergence_factor",
+                "divergence_window"}
+# what a run writes into its directory (besides the TensorBoard folder tb/); --overwrite deletes these
+RUN_FILES = ("config.yaml", "selection.json", "adapter.safetensors", "trainable.safetensors", "checkpoint.pt",
+             "metrics.json")
 
 
 def seed_everything(seed: int) -> None:
@@ -101,17 +113,123 @@ def _prepare_method(model: nn.Module, train: TrainConfig, grft: GRFTConfig) -> N
             model.get_submodule(name).requires_grad_(True)
 
 
-def _check_resumable(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    path = run_dir / "checkpoint.pt"
+def _check_device(device: str | None) -> None:
+    """Refuse a CUDA device this machine does not have (before torch fails on it)."""
+    if device is None or torch.device(device).type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}, but CUDA is not available on this machine; use --device cpu, or "
+                          "leave --device out to use CUDA where there is one.")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+
+
+def _run_dir_refusal(run_dir: Path, resume: bool, overwrite: bool) -> str | None:
+    """Why ``run_dir`` cannot take this run (None: it can): a file, unwritable, or another run's."""
+    if resume and overwrite:
+        return "--resume continues the run in --run-dir and --overwrite replaces it; pass only one of them."
+    existing = next(parent for parent in (run_dir, *run_dir.parents) if parent.exists())
+    if not existing.is_dir():
+        return f"--run-dir {run_dir}: {existing} is a file, not a directory; choose another --run-dir."
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--run-dir {run_dir}: {existing} is not writable; choose a writable --run-dir."
+    if resume or overwrite or existing != run_dir:
+        return None
+    held = sorted(entry.name for entry in run_dir.iterdir())
+    if held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        return (f"--run-dir {run_dir} already holds files ({shown}); continue that run with --resume, replace it "
+                "with --overwrite, or choose another --run-dir.")
+    return None
+
+
+def _read_saved_settings(path: Path) -> dict[str, Any]:
+    """The settings of ``config.yaml`` on resume; a missing, empty or unreadable file is a ConfigError."""
+    fix = "restore it, or start the run again with --overwrite"
     if not path.is_file():
-        raise ConfigError(f"--resume: no checkpoint at {path}; start the run without --resume.")
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    changed = sorted(key for key in set(saved) | set(settings)
-                     if key not in _RESUME_FREE and saved.get(key) != settings.get(key))
+        raise ConfigError(f"--resume: {path} is missing, so the run's settings are unknown; {fix}.")
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--resume: {path} is not valid YAML ({yaml_problem(error)}); {fix}.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--resume: {path} is not a text file; {fix}.") from None
+    if not saved:
+        raise ConfigError(f"--resume: {path} is empty; {fix}.")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {path} is not a mapping of settings; {fix}.")
+    return saved
+
+
+def _differences(saved: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    return sorted(key for key in set(saved) | set(settings)
+                  if key not in _RESUME_FREE and saved.get(key) != settings.get(key))
+
+
+def _check_resumable(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint to resume from, once ``config.yaml`` and the checkpoint agree with ``settings``."""
+    path, config_path = run_dir / "checkpoint.pt", run_dir / "config.yaml"
+    if not path.is_file():
+        if config_path.is_file():
+            raise ConfigError(f"--resume: {run_dir} holds no checkpoint yet (the run stopped before its first "
+                              "epoch ended); start it again with --overwrite.")
+        raise ConfigError(f"--resume: no run in {run_dir} (no checkpoint.pt); start the run without --resume.")
+    saved = _read_saved_settings(config_path)
+    missing = sorted(set(settings) - set(saved) - _RESUME_FREE)
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ConfigError(f"--resume: {config_path} lacks {len(missing)} settings ({shown}): it is truncated or "
+                          "from another version; restore it, or start the run again with --overwrite.")
+    changed = _differences(saved, settings)
     if changed:
         raise ConfigError(f"--resume: settings differ from the run in {run_dir}: {', '.join(changed)}; resume "
                           "with the same settings, or start a new run directory.")
-    return load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("settings") is None:
+        raise ConfigError(f"--resume: {path} does not record the settings it was trained with (written by an "
+                          "older version), so it cannot be matched to this run; start again with --overwrite.")
+    stale = _differences(checkpoint["settings"], settings)
+    if stale:
+        raise ConfigError(f"--resume: {path} belongs to an earlier run in {run_dir} (its {', '.join(stale)} "
+                          "differ from config.yaml's); start this run again with --overwrite.")
+    return checkpoint
+
+
+def _open_run_dir(train: TrainConfig, grft: GRFTConfig, resume: bool, overwrite: bool,
+                  context: DistributedContext) -> tuple[Path, dict[str, Any], dict[str, Any] | None]:
+    """``(run directory, resolved settings, checkpoint or None)`` once the directory may take this run."""
+    run_dir = _run_dir(train, context)
+    settings = resolved_settings(train, grft)
+    refusal = context.broadcast(_run_dir_refusal(run_dir, resume, overwrite) if context.is_main else None)
+    if refusal is not None:
+        raise ConfigError(refusal)
+    checkpoint = _check_resumable(run_dir, settings) if resume else None
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(run_dir)  # left by a process killed while writing
+    return run_dir, settings, checkpoint
+
+
+def _start_run_dir(run_dir: Path, train: TrainConfig, settings: dict[str, Any], overwrite: bool) -> None:
+    """A new run: with ``overwrite`` delete the old run's files, then write ``config.yaml``."""
+    if overwrite:
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        if train.logdir is None and (run_dir / "tb").is_dir():
+            shutil.rmtree(run_dir / "tb")
+    with atomic_write(run_dir / "config.yaml", "w") as handle:
+        yaml.safe_dump(settings, handle, sort_keys=True)
+
+
+def _check_targets(model: nn.Module, train: TrainConfig, grft: GRFTConfig) -> None:
+    """Refuse module patterns that match nothing, and a k larger than a targeted layer, before anything is
+    written to the run directory."""
+    if train.method == "grft":
+        check_targets(model, grft)
+    else:
+        head_module_names(model, grft.head_modules)
 
 
 def _trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -121,52 +239,62 @@ def _trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def _save_outputs(model: nn.Module, train: TrainConfig, run_dir: Path) -> None:
     if train.method == "grft":
         save_adapter(model, run_dir / "adapter.safetensors")
-    else:
-        save_file({k: v.contiguous() for k, v in _trainable_tensors(model).items()}, run_dir / "trainable.safetensors")
+        return
+    with atomic_write(run_dir / "trainable.safetensors") as handle:
+        handle.write(safetensors_bytes({k: v.contiguous() for k, v in _trainable_tensors(model).items()}))
 
 
-def run(train: TrainConfig, grft: GRFTConfig, *, resume: bool = False, task: Task | None = None) -> dict[str, Any]:
+def run(train: TrainConfig, grft: GRFTConfig, *, resume: bool = False, overwrite: bool = False,
+        task: Task | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the final metrics (also written to ``metrics.json``).
 
-    ``task`` supplies data, model and metrics (default :class:`VisionTask`).
+    Args:
+        train, grft: the run's settings.
+        resume: continue the run in ``train.run_dir`` from its checkpoint.
+        overwrite: start a new run in ``train.run_dir`` even though it holds one (its files are deleted once
+            the new run's data and model are ready). Without it a run directory that holds files is refused.
+        task: supplies data, model and metrics (default :class:`VisionTask`).
 
     Raises:
-        ConfigError: inconsistent settings (e.g. resuming with other settings).
+        ConfigError: inconsistent settings (e.g. resuming with other settings), a run directory that holds
+            another run, a stale or unreadable checkpoint, an unavailable device.
         DataNotFoundError, ModelLoadError, SelectionError: missing data or weights, unusable selection data.
-        TrainingError: a non-finite loss.
+        TrainingError: a non-finite loss, or a diverging run (the last good checkpoint stays in place).
     """
+    _check_device(train.device)
     context = DistributedContext.from_environment(train.device)
     try:
-        return _run(train, grft, resume, context, task or VisionTask())
+        return _run(train, grft, resume, overwrite, context, task or VisionTask())
     finally:
         context.close()
 
 
-def _run(train: TrainConfig, grft: GRFTConfig, resume: bool, context: DistributedContext,
+def _run(train: TrainConfig, grft: GRFTConfig, resume: bool, overwrite: bool, context: DistributedContext,
          task: Task) -> dict[str, Any]:
     start = time.perf_counter()
     seed_everything(train.seed)
-    run_dir = _run_dir(train, context)
-    settings = resolved_settings(train, grft)
-    checkpoint = _check_resumable(run_dir, settings) if resume else None
-    if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=True))
-    monitor = Monitor(str(train.logdir or run_dir / "tb") if context.is_main else None)
-
+    run_dir, settings, checkpoint = _open_run_dir(train, grft, resume, overwrite, context)
     train_set, eval_set, num_classes = task.datasets(train)
     model = task.build_model(train, num_classes).to(context.device)
     task.prepare_data(train, model, train_set, eval_set)
+    if checkpoint is None:  # nothing is written before the data, the model and k are known to be usable
+        _check_targets(model, train, grft)
+        if context.is_main:
+            _start_run_dir(run_dir, train, settings, overwrite)
+    monitor = Monitor(str(train.logdir or run_dir / "tb") if context.is_main else None)
     begin = time.perf_counter()
     _make_trainable(model, train, grft, task, train_set, checkpoint, context, run_dir, monitor)
-    selection_seconds = time.perf_counter() - begin if checkpoint is None and train.method == "grft" else 0.0
+    selection_seconds = time.perf_counter() - begin if train.method == "grft" else 0.0
+    if checkpoint is not None:  # the original selection's time, not that of re-wrapping
+        selection_seconds = checkpoint["seconds"]["selection"]
     regularizer = L2ToPretrained(model, grft)  # references taken before any trained value is loaded
     if checkpoint is not None:
         _load_trained_values(model, train, checkpoint, run_dir)
     report = trainable_parameters_report(model)
     monitor.scalars({"params/trainable": report.trainable, "params/trainable_percent": report.percent}, 0)
 
-    loop = _Loop(train, grft, task, context, monitor, run_dir, model, regularizer, train_set, eval_set, num_classes)
+    loop = _Loop(train, grft, task, context, monitor, run_dir, model, regularizer, train_set, eval_set, num_classes,
+                 settings=settings, selection_seconds=selection_seconds)
     history = loop.fit(checkpoint)
     main = task.main_metric
     metrics = {
@@ -244,12 +372,18 @@ def create_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, updat
 
 
 class _Loop:
-    """Optimizer, schedule, loaders and the epoch loop of one run, with checkpointing after every epoch."""
+    """Optimizer, schedule, loaders and the epoch loop of one run, with checkpointing after every epoch.
+
+    ``settings`` (the run's resolved settings) and ``selection_seconds`` go into every checkpoint: the
+    first binds it to its run, the second survives into a resumed run's metrics.
+    """
 
     def __init__(self, train: TrainConfig, grft: GRFTConfig, task: Task, context: DistributedContext,
                  monitor: Monitor, run_dir: Path, model: nn.Module, regularizer: L2ToPretrained, train_set: Dataset,
-                 eval_set: Dataset, num_classes: int) -> None:
+                 eval_set: Dataset, num_classes: int, *, settings: dict[str, Any], selection_seconds: float) -> None:
         self.train, self.task, self.context, self.monitor, self.run_dir = train, task, context, monitor, run_dir
+        self.settings, self.selection_seconds = settings, selection_seconds
+        self.divergence = DivergenceWatch(train.divergence_factor, train.divergence_window)
         self.model, self.regularizer = model, regularizer
         self.network = DistributedDataParallel(model) if context.distributed else model
         trainable = [param for param in model.parameters() if param.requires_grad]
@@ -260,7 +394,7 @@ class _Loop:
         self.eval_loader = _eval_loader(train, eval_set, context, task)
         self.loss_fn, self.mixup = task.loss_and_mixup(train, num_classes)
         self.progress = not train.quiet and context.is_main
-        self.seconds = 0.0
+        self.seconds = 0.0  # training time, of earlier sessions too
         self.mask_schedule = self._mask_schedule(grft, train_set) if train.method == "grft" else None
 
     def _mask_schedule(self, grft: GRFTConfig, train_set: Dataset) -> MaskSchedule | None:
@@ -289,14 +423,20 @@ class _Loop:
             self.precision.scaler.load_state_dict(checkpoint["scaler"])
         if self.mask_schedule is not None:
             self.mask_schedule.load_state_dict(checkpoint["mask_schedule"])
+        self.divergence.load_state_dict(checkpoint["divergence"])
+        self.seconds = checkpoint["seconds"]["train"]
         restore_rng_state(checkpoint["rng"])
         return checkpoint["epoch"] + 1, checkpoint["history"]
+
+    def _train_seconds(self) -> float:
+        """Training time so far, earlier sessions included (``_began``: when this session's epochs began)."""
+        return self.seconds + time.perf_counter() - self._began
 
     def fit(self, checkpoint: dict | None) -> list[dict[str, Any]]:
         """Run the remaining epochs; returns the evaluation history."""
         first_epoch, history = self._restore(checkpoint) if checkpoint is not None else (0, [])
         global_step = first_epoch * len(self.train_loader)
-        begin = time.perf_counter()
+        self._began = time.perf_counter()
         for epoch in range(first_epoch, self.total_epochs):
             self.train_loader.sampler.set_epoch(epoch)
             self.train_loader.generator.manual_seed(self.train.seed + epoch)  # worker seeds, resume-proof
@@ -308,13 +448,14 @@ class _Loop:
                 monitor=self.monitor, epoch=epoch, global_step=global_step, mixup=self.mixup,
                 clip_grad=self.train.clip_grad, progress=self.progress,
                 scheduler=self.scheduler if self.train.sched_on_updates else None,
-                before_step=self._before_step if self.mask_schedule is not None else None)
+                before_step=self._before_step if self.mask_schedule is not None else None,
+                divergence=self.divergence)
             if self.scheduler is not None:  # sched='none' keeps the learning rate constant
                 self.scheduler.step(epoch + 1)
             if (epoch + 1) % self.train.eval_every == 0 or epoch + 1 == self.total_epochs:
                 history.append({"epoch": epoch + 1, **self.evaluate(epoch + 1), **losses})
             self._checkpoint(epoch, history)
-        self.seconds = time.perf_counter() - begin
+        self.seconds = self._train_seconds()
         return history
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -325,6 +466,8 @@ class _Loop:
         return scores
 
     def _checkpoint(self, epoch: int, history: list[dict[str, Any]]) -> None:
+        """Save the epoch's state, unless a parameter is no longer finite (the last good one then stays)."""
+        check_finite_parameters(self.model, epoch)
         if self.context.is_main:
             grft = self.train.method == "grft"
             save_checkpoint(self.run_dir / "checkpoint.pt", epoch=epoch,
@@ -332,5 +475,7 @@ class _Loop:
                             trainable=None if grft else _trainable_tensors(self.model),
                             optimizer=self.optimizer, scheduler=self.scheduler, history=history,
                             scaler=self.precision.scaler,
-                            mask_schedule=self.mask_schedule.state_dict() if self.mask_schedule else None)
+                            mask_schedule=self.mask_schedule.state_dict() if self.mask_schedule else None,
+                            settings=self.settings, divergence=self.divergence.state_dict(),
+                            seconds={"selection": self.selection_seconds, "train": self._train_seconds()})
         self.context.barrier()

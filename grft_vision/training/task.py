@@ -101,12 +101,17 @@ class VisionTask(Task):
         eval_set.transform = create_transforms(self._data_config, eval_set.protocol, train=False, **options)
 
     def selection_loader(self, train: TrainConfig, grft: GRFTConfig, train_set: Dataset) -> DataLoader:
-        """The training set again with GPS's contrastive augmentation (two views by default)."""
+        """The training set again with GPS's contrastive augmentation (two views by default).
+
+        The selection reads it through :func:`~grft_vision.selection.subsets.subset_loader`, which draws every
+        item with generators seeded by the seed and the item's index, so the result does not depend on
+        ``workers``; the loader's own generator is seeded too.
+        """
         views = copy.copy(train_set)
         augment = contrastive_transform(self._data_config, mean=train.mean, std=train.std)
         views.transform = TwoViews(augment) if grft.selection_views == 2 else augment
         return DataLoader(views, batch_size=grft.selection_batch_size or train.batch_size, shuffle=False,
-                          num_workers=train.workers)
+                          num_workers=train.workers, generator=torch.Generator().manual_seed(grft.selection_seed))
 
     def loss_and_mixup(self, train: TrainConfig, num_classes: int) -> tuple[Callable, Callable | None]:
         if train.mixup > 0 or train.cutmix > 0:
