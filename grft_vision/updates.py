@@ -37,6 +37,13 @@ __all__ = ["Update", "RowUpdate", "ColumnUpdate", "SparseUpdate", "TapColumnUpda
 ConvFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (input, weight, groups) -> output
 
 
+def _group_members(indices: torch.Tensor, per_group: int, other_per_group: int) -> torch.Tensor:
+    """For channels ``indices`` of one side of a grouped convolution (``per_group`` channels per group), the
+    channels of the other side (``other_per_group`` per group) that their groups connect, flattened ``[k * other]``."""
+    first = (indices // per_group) * other_per_group
+    return (first[:, None] + torch.arange(other_per_group, device=indices.device)).reshape(-1)
+
+
 class Update(Float32Masters):
     """One adapter's change to one weight (see the module docstring).
 
@@ -191,10 +198,8 @@ class RowUpdate(Update):
 
     def _derive(self) -> None:
         if self.is_conv and self.groups > 1:  # input channels read by each chosen output channel
-            out_per_group, in_per_group = self.weight_shape[0] // self.groups, self.weight_shape[1]
-            first = (self.indices // out_per_group) * in_per_group
-            channels = first[:, None] + torch.arange(in_per_group, device=first.device)
-            self.register_buffer("_gather_channels", channels.reshape(-1), persistent=False)
+            channels = _group_members(self.indices, self.weight_shape[0] // self.groups, self.weight_shape[1])
+            self.register_buffer("_gather_channels", channels, persistent=False)
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, conv: ConvFn | None = None) -> torch.Tensor:
         delta = self.delta.to(x.dtype)
@@ -241,10 +246,8 @@ class ColumnUpdate(Update):
 
     def _derive(self) -> None:
         if self.is_conv and self.groups > 1:  # output channels written by each chosen input channel
-            out_per_group, in_per_group = self.weight_shape[0] // self.groups, self.weight_shape[1]
-            first = (self.indices // in_per_group) * out_per_group
-            channels = first[:, None] + torch.arange(out_per_group, device=first.device)
-            self.register_buffer("_scatter_channels", channels.reshape(-1), persistent=False)
+            channels = _group_members(self.indices, self.weight_shape[1], self.weight_shape[0] // self.groups)
+            self.register_buffer("_scatter_channels", channels, persistent=False)
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, conv: ConvFn | None = None) -> torch.Tensor:
         delta = self.delta.to(x.dtype)
