@@ -321,11 +321,12 @@ class GRFTLayer(nn.Module):
             if update.bias_delta is not None:
                 tensors["bias"] = self.base_layer.bias + update.bias_delta.to(weight.dtype)
             return torch.func.functional_call(self.base_layer, tensors, (x,))
-        if update.bias_delta is None:
-            y = self.base_layer(x)
-        else:
-            y = self._base_forward(x, self.base_layer.bias + update.bias_delta.to(self.base_layer.bias.dtype))
-        return update.add_to(y, x, self._conv) if update.delta.numel() else y
+        bias = self.base_layer.bias
+        if update.bias_delta is not None:
+            bias = bias + update.bias_delta.to(bias.dtype)
+        if not update.delta.numel():  # nothing chosen yet (incremental schedules): the base layer, bias delta added
+            return self.base_layer(x) if update.bias_delta is None else self._base_forward(x, bias)
+        return self._update_forward(update, x, bias)
 
     def _mixed_forward(self, x: torch.Tensor, batch: "mixed_batch.AdapterBatch") -> torch.Tensor:
         """Every row of ``x`` with its own adapter's update: the base output once, then each adapter's part."""
@@ -354,7 +355,11 @@ class GRFTLayer(nn.Module):
                                "call grft_vision.unmerge_adapter(model) first.")
         return self.grft_updates[name] if name is not None and name in self.grft_updates else None
 
-    def _base_forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _base_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _update_forward(self, update: Update, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The base output with ``bias`` plus ``update``'s contribution (a channel form exists)."""
         raise NotImplementedError
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -377,8 +382,11 @@ class GRFTLinear(GRFTLayer):
 
     _plain_types = _PLAIN_LINEAR_TYPES
 
-    def _base_forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _base_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, self.base_layer.weight, bias)
+
+    def _update_forward(self, update: Update, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return update.linear_forward(x, self.base_layer.weight, bias)
 
 
 class GRFTConv2d(GRFTLayer):
@@ -392,11 +400,14 @@ class GRFTConv2d(GRFTLayer):
 
     _plain_types = _PLAIN_CONV_TYPES
 
-    def _base_forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _base_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         base = self.base_layer
         if isinstance(base, Conv2dSame):
             return conv2d_same(x, base.weight, bias, base.stride, base.padding, base.dilation, base.groups)
         return base._conv_forward(x, base.weight, bias)
+
+    def _update_forward(self, update: Update, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return update.add_to(self._base_forward(x, bias), x, self._conv)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
         """A bias-free convolution with the base layer's stride, padding (mode) and dilation."""

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dtypes import Float32Masters, adapter_dtype
+from .fused import linear_columns, linear_rows, linear_sparse
 
 __all__ = ["Update", "RowUpdate", "ColumnUpdate", "SparseUpdate", "TapColumnUpdate", "create_update", "STRUCTURES"]
 
@@ -57,6 +58,8 @@ class Update(Float32Masters):
 
     structure: ClassVar[str]
     channel_form: ClassVar[bool] = True  # the contribution can be computed without the dense weight
+    # base matmul and update in one autograd node, for linear layers (grft_vision.fused)
+    linear_function: ClassVar[Callable | None] = None
 
     def __init__(self, weight: torch.Tensor, indices: torch.Tensor, *, groups: int = 1, train_bias: bool = False,
                  keep_float32: bool = True) -> None:
@@ -163,6 +166,14 @@ class Update(Float32Masters):
         at_delta, rest = self._overlap
         return (update + at_delta).pow(2).sum() + rest
 
+    def linear_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear(x, weight, bias)`` plus this update's contribution, as one autograd node (linear layers).
+
+        The same values as ``add_to(F.linear(x, weight, bias), x)``, with a leaner backward pass
+        (:mod:`grft_vision.fused`).
+        """
+        return self.linear_function(x, weight, bias, self.indices, self.delta)
+
     def add_bias_to(self, y: torch.Tensor) -> torch.Tensor:
         """Add ``bias_delta`` to an output ``[..., out]`` (linear) or ``[N, out, H, W]`` (conv), out of place."""
         bias = self.bias_delta.to(y.dtype)
@@ -185,6 +196,7 @@ class RowUpdate(Update):
     """k output rows (linear) or output channels (conv) with all their inputs and taps."""
 
     structure = "row"
+    linear_function = staticmethod(linear_rows)
 
     @classmethod
     def shape_for(cls, weight_shape: tuple[int, ...], count: int, groups: int = 1) -> tuple[int, ...]:
@@ -217,6 +229,7 @@ class ColumnUpdate(Update):
     global input channel ``c`` covers the output channels of its group."""
 
     structure = "column"
+    linear_function = staticmethod(linear_columns)
 
     @classmethod
     def shape_for(cls, weight_shape: tuple[int, ...], count: int, groups: int = 1) -> tuple[int, ...]:
@@ -266,6 +279,7 @@ class SparseUpdate(Update):
     per output; convolutions have no channel form and run with the materialised weight."""
 
     structure = "sparse"
+    linear_function = staticmethod(linear_sparse)
 
     @property
     def channel_form(self) -> bool:  # type: ignore[override]
@@ -283,7 +297,8 @@ class SparseUpdate(Update):
         return dense.reshape(dense.shape[0], -1).gather(1, self.indices)
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, conv: ConvFn | None = None) -> torch.Tensor:
-        # x[..., indices] is [..., out, k]; each output sums its own k chosen inputs
+        # x[..., indices] is [..., out, k]; each output sums its own k chosen inputs (autograd keeps it: the
+        # training forward uses linear_forward, which does not)
         return y.add_(torch.einsum("...ok,ok->...o", x[..., self.indices], self.delta.to(x.dtype)).to(y.dtype))
 
 
