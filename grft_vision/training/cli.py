@@ -22,7 +22,7 @@ from ..adapter import AdapterError
 from ..config import ConfigError, GRFTConfig
 from ..data import DATASET_NAMES, DataNotFoundError, dataset_num_classes
 from ..selection import SelectionError
-from .config import TrainConfig, load_layers, split_settings
+from .config import TrainConfig, builtin_config_files, load_layers, split_settings
 from .loop import TrainingError
 from .model_factory import ModelLoadError
 
@@ -147,12 +147,11 @@ def resolve_settings(benchmark: str, argv: Sequence[str] | None, config_dir: str
         dataset_num_classes(args.dataset)  # raises ValueError listing the valid names
     else:
         check_dataset_name(args.dataset, dataset_names)
-    config_dir = Path(config_dir)
-    files = [config_dir / "defaults.yaml", config_dir / f"{args.dataset}.yaml", *map(Path, args.config_files)]
+    files = [*builtin_config_files(config_dir, args.dataset), *map(Path, args.config_files)]
     missing = [str(path) for path in files[2:] if not path.is_file()]
     if missing:
         raise ConfigError(f"config file {missing[0]} does not exist.")
-    settings = load_layers((path for path in files if path.is_file()), config_cls)
+    settings = load_layers(files, config_cls)
     if benchmark in BENCHMARK_SPLITS:
         settings.setdefault("train_split", BENCHMARK_SPLITS[benchmark])
     settings["dataset"] = args.dataset

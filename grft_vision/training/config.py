@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping
@@ -17,7 +18,8 @@ import yaml
 
 from ..config import ConfigError, GRFTConfig, coerce_numbers
 
-__all__ = ["TrainConfig", "METHODS", "load_layers", "split_settings", "resolved_settings"]
+__all__ = ["TrainConfig", "METHODS", "builtin_config_dir", "builtin_config_files", "load_layers", "split_settings",
+           "resolved_settings"]
 
 METHODS = ("grft", "full", "head")
 
@@ -85,6 +87,37 @@ class TrainConfig:
     def total_epochs(self) -> int:
         """Warm-up plus cosine epochs."""
         return self.warmup_epochs + self.epochs
+
+
+def builtin_config_dir(benchmark: str) -> Path:
+    """The folder of a benchmark's built-in configs (``vtab``, ``fgvc``, ``glue``): package data,
+    ``grft_vision/configs/<benchmark>/`` (the repository's top-level ``configs/`` links there).
+
+    Raises:
+        ConfigError: the package holds no such folder (an unknown benchmark, or an incomplete install).
+    """
+    folder = importlib.resources.files("grft_vision") / "configs" / benchmark
+    if not folder.is_dir():
+        raise ConfigError(f"grft-vision has no built-in configs for {benchmark!r} ({folder}); reinstall the "
+                          "package if it should (pip install --force-reinstall grft-vision).")
+    return Path(str(folder))
+
+
+def builtin_config_files(config_dir: str | Path, dataset: str) -> list[Path]:
+    """``[<config_dir>/defaults.yaml, <config_dir>/<dataset>.yaml]``, the settings files every run reads first.
+
+    Raises:
+        ConfigError: either file is missing; a built-in config is never skipped silently.
+    """
+    config_dir = Path(config_dir)
+    files = [config_dir / "defaults.yaml", config_dir / f"{dataset}.yaml"]
+    for path in files:
+        if not path.is_file():
+            known = sorted(p.stem for p in config_dir.glob("*.yaml") if p.stem != "defaults")
+            raise ConfigError(f"no config file {path}: {config_dir} has configs for "
+                              f"{', '.join(known) or 'nothing'}. Run {dataset!r} with the script of its own "
+                              "benchmark, or add the file.")
+    return files
 
 
 def _field_names(cls: type) -> set[str]:
