@@ -493,6 +493,7 @@ def test_train_glue_pairs_with_an_encoder_and_full_fine_tuning(tiny_dirs, tmp_pa
     assert "bert.embeddings.word_embeddings.weight" in load_file(run_dir / "trainable.safetensors")
 
 
+@pytest.mark.slow
 def test_train_glue_resume_is_exact(tiny_dirs, tmp_path, monkeypatch):
     data = write_glue(tmp_path / "glue", "rte", {"train": 32, "dev": 8})
     args = ["--dataset", "rte", "--warmup-ratio", "0.2", "--sparse", "2"]
@@ -506,6 +507,7 @@ def test_train_glue_resume_is_exact(tiny_dirs, tmp_path, monkeypatch):
     assert histories[0] == histories[1]
 
 
+@pytest.mark.slow
 def test_train_glue_torchrun_two_processes_match_one(tiny_dirs, tmp_path):
     data = write_glue(tmp_path / "glue", "cola", {"train": 32, "dev": 8})
     common = [str(ROOT / "train_glue.py"), "--dataset", "cola", "--model", str(tiny_dirs["llama"]), "--data-dir",
