@@ -48,10 +48,11 @@ def import_optional(name: str, purpose: str) -> ModuleType:
     if package not in OPTIONAL:
         raise KeyError(f"{package!r} is not an optional dependency of grft-vision; known: {', '.join(OPTIONAL)}.")
     try:
-        return importlib.import_module(name)
+        importlib.import_module(package)
     except ModuleNotFoundError as error:
         if error.name != package:
             raise
         distribution, extra = OPTIONAL[package]
         raise MissingDependencyError(f"{purpose} needs {distribution}, which is not installed: "
                                      f"pip install 'grft-vision[{extra}]'") from error
+    return importlib.import_module(name)
