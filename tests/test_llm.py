@@ -200,7 +200,7 @@ def test_hugging_face_route(monkeypatch):
     with pytest.raises(DataNotFoundError, match=r"ConnectionError: no network.*--data-dir"):
         load_glue("cola", "train")
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
-    with pytest.raises(DataNotFoundError, match=r"pip install datasets.*--data-dir"):
+    with pytest.raises(DataNotFoundError, match=r"pip install 'grft-vision\[llm\]'.*--data-dir"):
         load_glue("cola", "train")
 
 
