@@ -1,9 +1,8 @@
 #!/usr/bin/env python
-"""GRFT on VTAB-1k: ``python train_vtab.py --dataset dtd --rows 1`` (settings: configs/vtab/)."""
+"""GRFT on VTAB-1k: ``python train_vtab.py --dataset dtd --rows 1`` (settings: configs/vtab/); = ``grft-train-vtab``."""
 import sys
-from pathlib import Path
 
-from grft_vision.training.cli import main
+from grft_vision.commands import train_vtab
 
 if __name__ == "__main__":
-    sys.exit(main("vtab", sys.argv[1:], Path(__file__).resolve().parent / "configs" / "vtab"))
+    sys.exit(train_vtab())

@@ -1,5 +1,5 @@
 # Shared by reproduce_vtab.sh and reproduce_fgvc.sh (sourced, not run): every dataset x seed with its config,
-# then grft_vision.report. The caller sets SCRIPT, BENCHMARK, TABLE, NAMES, RUNS and a function
+# then benchmarks/paper_report.py. The caller sets SCRIPT, BENCHMARK, TABLE, NAMES, RUNS and a function
 # `root_of NAME` printing the --data-dir of a dataset.
 #
 # A run whose metrics.json exists is skipped; one with a checkpoint.pt but no metrics.json (interrupted) is
@@ -40,7 +40,7 @@ reproduce_all() {
             fi
         done
     done
-    run "$PYTHON" -m grft_vision.report "$RUNS" --benchmark "$BENCHMARK" --out "$RUNS/$TABLE" || report_status=$?
+    run "$PYTHON" benchmarks/paper_report.py "$RUNS" --benchmark "$BENCHMARK" --out "$RUNS/$TABLE" || report_status=$?
     if [ ${#failed[@]} -gt 0 ]; then
         echo "${#failed[@]} run(s) failed: ${failed[*]}" >&2
         return 1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the GRFT paper's Table 1 (FGVC, ViT-B/16 ImageNet-21k): every dataset x seed with its config
-# (configs/fgvc/<dataset>.yaml = the dataset's row of the paper's Table 6), then aggregate with grft_vision.report.
+# (configs/fgvc/<dataset>.yaml = the dataset's row of the paper's Table 6), then aggregate with benchmarks/paper_report.py.
 #
 #   DATA_DIR=/data/fgvc bash scripts/reproduce_fgvc.sh
 #

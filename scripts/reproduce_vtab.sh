@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the GRFT paper's Table 2 (VTAB-1k, ViT-B/16 ImageNet-21k): every task x seed with its config
-# (configs/vtab/<task>.yaml = the task's row of the paper's Table 7), then aggregate with grft_vision.report.
+# (configs/vtab/<task>.yaml = the task's row of the paper's Table 7), then aggregate with benchmarks/paper_report.py.
 #
 #   DATA_DIR=~/tensorflow_datasets bash scripts/reproduce_vtab.sh
 #

@@ -7,10 +7,15 @@ import pytest
 import timm
 import torch
 
+from grft_vision import trainable_parameters_report, unload_grft
+from grft_vision.anatomy import find_target_layers
+from grft_vision.model import add_adapter
 from grft_vision.data import VTAB_TASKS, dataset_num_classes
+from grft_vision.config import ConfigError
 from grft_vision.training.cli import resolve_settings
+from grft_vision.training.config import builtin_config_dir
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO = Path(__file__).resolve().parents[1]
 
 # name: (lr, batch size, epochs, data subsets, lambda, regularised blocks, rows/columns) — GRFT Tables 6, 7
 TABLE_7 = {
@@ -45,7 +50,7 @@ COLUMN_TASKS = {"dmlab", "dsprites_ori", "smallnorb_ele", "cub", "cars"}
 
 
 def resolved(benchmark: str, name: str):
-    train, grft, _ = resolve_settings(benchmark, ["--dataset", name], CONFIGS / benchmark)
+    train, grft, _ = resolve_settings(benchmark, ["--dataset", name], builtin_config_dir(benchmark))
     return train, grft
 
 
@@ -61,33 +66,52 @@ def test_config_matches_paper_table(benchmark, name, row):
 
 
 def test_every_task_has_a_config():
-    assert {path.stem for path in (CONFIGS / "vtab").glob("*.yaml")} - {"defaults", "synthetic"} == set(VTAB_TASKS)
-    assert {path.stem for path in (CONFIGS / "fgvc").glob("*.yaml")} - {"defaults"} == set(TABLE_6)
+    vtab, fgvc = builtin_config_dir("vtab"), builtin_config_dir("fgvc")
+    assert {path.stem for path in vtab.glob("*.yaml")} - {"defaults", "synthetic"} == set(VTAB_TASKS)
+    assert {path.stem for path in fgvc.glob("*.yaml")} - {"defaults"} == set(TABLE_6)
+
+
+def test_configs_are_package_data_and_the_top_level_folder_shows_them():
+    assert builtin_config_dir("vtab") == REPO / "grft_vision" / "configs" / "vtab"
+    assert (REPO / "configs").resolve() == builtin_config_dir("vtab").parent
+
+
+@pytest.mark.parametrize("benchmark, dataset, missing", [("vtab", "cub", "cub.yaml"), ("fgvc", "dtd", "dtd.yaml")])
+def test_a_missing_builtin_config_is_an_error(benchmark, dataset, missing):
+    with pytest.raises(ConfigError, match=rf"no config file .*{missing}: .* has configs for .*its own benchmark"):
+        resolve_settings(benchmark, ["--dataset", dataset], builtin_config_dir(benchmark))
+
+
+def test_a_config_folder_without_defaults_is_an_error(tmp_path):
+    (tmp_path / "dtd.yaml").write_text("lr: 0.1\n")
+    with pytest.raises(ConfigError, match="no config file .*defaults.yaml"):
+        resolve_settings("vtab", ["--dataset", "dtd"], tmp_path)
+    with pytest.raises(ConfigError, match="no built-in configs for 'imagenet'"):
+        builtin_config_dir("imagenet")
 
 
 def test_flags_override_config_values():
     train, grft, _ = resolve_settings("vtab", ["--dataset", "dtd", "--lr", "0.1", "--cols", "3", "--set",
-                                               "temperature=0.2"], CONFIGS / "vtab")
+                                               "temperature=0.2"], builtin_config_dir("vtab"))
     assert (train.lr, grft.structure, grft.k, grft.temperature, grft.reg_blocks) == (0.1, "column", 3, 0.2, 3)
 
 
 @pytest.fixture(scope="module")
-def vit_b_layers():
-    """(weight shape, has bias) of every targeted ViT-B/16 layer, and the backbone parameter count."""
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
-    layers = [(m.weight.shape, m.bias is not None) for n, m in model.named_modules()
-              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    return layers, sum(p.numel() for p in model.parameters())
+def vit_b():
+    return timm.create_model("vit_base_patch16_224", pretrained=False)
 
 
 @pytest.mark.parametrize("benchmark, name", [("vtab", n) for n in TABLE_7] + [("fgvc", n) for n in TABLE_6])
-def test_row_budget_matches_table_8(vit_b_layers, benchmark, name):
-    layers, backbone = vit_b_layers
+def test_trainable_share_matches_table_8(vit_b, benchmark, name):
     _, grft = resolved(benchmark, name)
-    classes = dataset_num_classes(name)
-    head = 768 * classes + classes
-    # a row holds in*kh*kw weights; a column (conv: one channel at one tap) holds out weights
-    per_layer = [shape[1:].numel() if grft.structure == "row" else shape[0] for shape, _ in layers]
-    chosen = sum(grft.k * size + shape[0] * has_bias for size, (shape, has_bias) in zip(per_layer, layers))
-    percent = 100 * (chosen + head) / (backbone + head)
+    vit_b.reset_classifier(dataset_num_classes(name))
+    # Which rows/columns are chosen does not change how many train: wrap the first k of every target, as
+    # apply_grft would wrap its top k (scoring ViT-B/16 just to count would cost seconds per task).
+    targets = find_target_layers(vit_b, grft)
+    structures = {layer_name: grft.layer_structure(layer) for layer_name, layer in targets.items()}
+    add_adapter(vit_b, "default", {layer_name: torch.arange(grft.k) for layer_name in targets}, structures, grft)
+    try:
+        percent = trainable_parameters_report(vit_b).percent
+    finally:
+        unload_grft(vit_b)
     assert round(percent, 2) == pytest.approx(TABLE_8[name], abs=0.011), percent

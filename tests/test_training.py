@@ -18,22 +18,33 @@ from tensorflow_datasets.testing import mocking
 
 from grft_vision import load_adapter
 from grft_vision.training import cli, create_timm_model
-from grft_vision.training.config import TrainConfig
+from grft_vision.training.config import TrainConfig, builtin_config_dir
 
 from conftest import crash_then_resume, histories_of_one_and_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32", "--epochs", "1",
         "--warmup-epochs", "1", "--batch-size", "8", "--workers", "0", "--quiet", "--eval-every", "1"]
+SYNTHETIC_CLASSES = 10  # chance is 0.1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and are not slowed down by a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def train(benchmark: str, *args: str) -> int:
-    return cli.main(benchmark, list(args), ROOT / "configs" / benchmark)
+    return cli.main(benchmark, list(args), builtin_config_dir(benchmark))
 
 
 def check_outputs(run_dir: Path, dataset: str) -> dict:
+    """The files of a finished GRFT run are complete and consistent; returns its metrics."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert 0.0 <= metrics["top1"] <= 1.0 and metrics["dataset"] == dataset
+    assert metrics["dataset"] == dataset and metrics["top1"] == metrics["history"][-1]["top1"]
     assert 0 < metrics["trainable_percent"] < 100
     settings = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert settings["dataset"] == dataset and settings["structure"] in ("row", "column", "sparse")
@@ -61,12 +72,47 @@ def write_images(folder: Path, count: int, classes: int) -> list[tuple[str, int]
     return entries
 
 
-def test_synthetic_run(tmp_path):
+def check_tensorboard(run_dir: Path) -> None:
+    accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0, "histograms": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert {"train/loss", "train/task_loss", "train/reg_loss", "train/lr", "test/top1", "params/trainable",
+            "params/trainable_percent"} <= set(tags["scalars"])
+    assert "selection/summary/text_summary" in tags["tensors"]
+    assert "selection/blocks.0.attn.qkv" in tags["histograms"]
+    assert accumulator.Scalars("train/reg_loss")[-1].value > 0
+    hparams = EventAccumulator(str(run_dir / "tb"))
+    hparams.Reload()
+    plugins = set(hparams.PluginTagToContent("hparams"))
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= plugins
+
+
+@pytest.mark.parametrize("method, args", [
+    ("grft", ["--rows", "1", "--lr", "1e-2", "--reg-lambda", "1e-4"]),
+    ("head", ["--lr", "1e-2"]),
+    ("full", ["--lr", "1e-3"]),
+], ids=["grft", "head", "full"])
+def test_training_helps(tmp_path, method, args):
+    """On the learnable synthetic set (10 classes) every method lowers the loss and beats chance by far
+    (measured: top-1 0.56 GRFT rows, 0.50 head, 0.92 full after these 3 epochs; the first epoch is at chance)."""
     run_dir = tmp_path / "run"
-    assert train("vtab", "--dataset", "synthetic", *TINY, "--cols", "2", "--set", "synthetic_samples=32",
-                 "--run-dir", str(run_dir)) == 0
-    metrics = check_outputs(run_dir, "synthetic")
-    assert metrics["structure"] == "column" and metrics["k"] == 2 and metrics["epochs"] == 2
+    assert train("vtab", "--dataset", "synthetic", *TINY, "--epochs", "2", "--batch-size", "32", "--set",
+                 "synthetic_samples=256", "--method", method, *args, "--run-dir", str(run_dir)) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    history = metrics["history"]
+    assert metrics["method"] == method and metrics["epochs"] == len(history) == 3
+    assert history[-1]["loss"] < 0.75 * history[0]["loss"], history
+    assert metrics["top1"] >= 1 / SYNTHETIC_CLASSES + 0.2, history
+    if method == "grft":
+        check_outputs(run_dir, "synthetic")
+        check_tensorboard(run_dir)
+    else:
+        saved = load_file(run_dir / "trainable.safetensors")
+        assert not (run_dir / "adapter.safetensors").exists()
+        if method == "head":
+            assert set(saved) == {"head.weight", "head.bias"} and metrics["trainable"] == 192 * 10 + 10
+        else:
+            assert metrics["trainable_percent"] == 100.0 and "blocks.0.attn.qkv.weight" in saved
 
 
 @pytest.fixture
@@ -112,24 +158,6 @@ def test_fgvc_json_layout(tmp_path):
     assert settings["mixup"] == 0.8 and settings["train_split"] == "trainval" and metrics["k"] == 2
 
 
-def test_tensorboard_has_every_tag(tmp_path):
-    run_dir = tmp_path / "run"
-    assert train("vtab", "--dataset", "synthetic", *TINY, "--set", "synthetic_samples=32", "--run-dir",
-                 str(run_dir), "--reg-lambda", "0.01") == 0
-    accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0, "histograms": 0})
-    accumulator.Reload()
-    tags = accumulator.Tags()
-    assert {"train/loss", "train/task_loss", "train/reg_loss", "train/lr", "test/top1", "params/trainable",
-            "params/trainable_percent"} <= set(tags["scalars"])
-    assert "selection/summary/text_summary" in tags["tensors"]
-    assert "selection/blocks.0.attn.qkv" in tags["histograms"]
-    assert accumulator.Scalars("train/reg_loss")[-1].value > 0
-    hparams = EventAccumulator(str(run_dir / "tb"))
-    hparams.Reload()
-    plugins = set(hparams.PluginTagToContent("hparams"))
-    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= plugins
-
-
 def crash_then_resume_vtab(args: list[str], run_dir: Path, monkeypatch, crash_epoch: int) -> None:
     crash_then_resume(partial(train, "vtab"), [*args, "--run-dir", str(run_dir)], monkeypatch, crash_epoch)
 
@@ -142,6 +170,7 @@ def assert_same_adapter(first: Path, second: Path) -> None:
         assert torch.equal(one[key], two[key]), key
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     args = ["--dataset", "synthetic", "--model", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32",
             "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "8", "--workers", "0", "--quiet",
@@ -164,6 +193,7 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     assert train("vtab", "--dataset", "synthetic", *TINY, "--run-dir", str(tmp_path / "none"), "--resume") == 2
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
     common = [str(ROOT / "train_vtab.py"), "--dataset", "synthetic", *TINY, "--set", "synthetic_samples=32",
               "--rows", "2"]
@@ -213,6 +243,7 @@ def test_missing_checkpoint_file_exit_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["dynamic", "incremental"])
 def test_mask_schedules_run_end_to_end_and_resume(schedule, tmp_path, monkeypatch):
     args = ["--dataset", "synthetic", *TINY, "--epochs", "2", "--set", "synthetic_samples=32", "--set",

@@ -7,49 +7,20 @@ Typical use::
 
     train_set = create_dataset("dtd", "train800val200", data_dir="~/tensorflow_datasets")
     train_set.transform = create_transforms(model, train_set.protocol, train=True)
-"""
-from .errors import DataNotFoundError
-from .factory import DATASET_NAMES, LAYOUTS, create_dataset, dataset_num_classes
-from .fgvc import (
-    FGVC_DATASETS,
-    FGVC_SPLITS,
-    FgvcDatasetInfo,
-    FgvcJsonDataset,
-    FgvcOfficialDataset,
-    contiguous_class_map,
-    detect_fgvc_layout,
-)
-from .image_list import ImageListDataset
-from .synthetic import SyntheticImageDataset
-from .transforms import PROTOCOLS, TwoViews, contrastive_transform, create_transforms, resolve_model_data_config
-from .vtab import VtabFolderDataset, VtabTfdsDataset, read_vtab_list, select_tfds_version
-from .vtab_tasks import VTAB_SPLITS, VTAB_TASKS, VtabTask
 
-__all__ = [
-    "DATASET_NAMES",
-    "DataNotFoundError",
-    "FGVC_DATASETS",
-    "FGVC_SPLITS",
-    "FgvcDatasetInfo",
-    "FgvcJsonDataset",
-    "FgvcOfficialDataset",
-    "ImageListDataset",
-    "LAYOUTS",
-    "PROTOCOLS",
-    "SyntheticImageDataset",
-    "TwoViews",
-    "VTAB_SPLITS",
-    "VTAB_TASKS",
-    "VtabFolderDataset",
-    "VtabTask",
-    "VtabTfdsDataset",
-    "contiguous_class_map",
-    "contrastive_transform",
-    "create_dataset",
-    "create_transforms",
-    "dataset_num_classes",
-    "detect_fgvc_layout",
-    "read_vtab_list",
-    "resolve_model_data_config",
-    "select_tfds_version",
-]
+Each name loads its module on first use; TFDS (the ``vtab`` extra) is imported only to read TFDS data and
+SciPy (the ``fgvc`` extra) only to read ``.mat`` metadata.
+"""
+from .._lazy import attach
+
+__getattr__, __dir__, __all__ = attach(__name__, {
+    "errors": ["DataNotFoundError"],
+    "factory": ["DATASET_NAMES", "LAYOUTS", "create_dataset", "dataset_num_classes"],
+    "fgvc": ["FGVC_DATASETS", "FGVC_SPLITS", "FgvcDatasetInfo", "FgvcJsonDataset", "FgvcOfficialDataset",
+             "contiguous_class_map", "detect_fgvc_layout"],
+    "image_list": ["ImageListDataset"],
+    "synthetic": ["SyntheticImageDataset"],
+    "transforms": ["PROTOCOLS", "TwoViews", "contrastive_transform", "create_transforms", "resolve_model_data_config"],
+    "vtab": ["VtabFolderDataset", "VtabTfdsDataset", "read_vtab_list", "select_tfds_version"],
+    "vtab_tasks": ["VTAB_SPLITS", "VTAB_TASKS", "VtabTask"],
+})

@@ -12,15 +12,16 @@ from typing import Callable
 
 import numpy as np
 
+from ..extras import import_optional
+
 __all__ = ["OFFICIAL_FILES", "OFFICIAL_READERS", "RawSplits"]
 
 RawSplits = dict[str, list[tuple[str, int]]]
 
 
 def _loadmat(path: Path) -> dict[str, np.ndarray]:
-    from scipy.io import loadmat  # only the .mat layouts need scipy
-
-    return loadmat(path, squeeze_me=True)
+    scipy_io = import_optional("scipy.io", f"reading {path.name}")  # only the .mat layouts need scipy
+    return scipy_io.loadmat(path, squeeze_me=True)
 
 
 def _read_table(path: Path) -> dict[str, str]:

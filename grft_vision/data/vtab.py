@@ -15,19 +15,20 @@ import os
 import textwrap
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import tensorflow_datasets as tfds
 from PIL import Image
-from tensorflow_datasets.core import constants as tfds_constants
-from tensorflow_datasets.core.file_adapters import FileFormat
-from tensorflow_datasets.core.utils.file_utils import list_dataset_versions
 from torch.utils.data import Dataset
 
-from ..config import ConfigError
+from ..errors import ConfigError
+from ..extras import import_optional
 from .errors import DataNotFoundError
 from .image_list import ImageListDataset
 from .vtab_tasks import VTAB_SPLITS, VTAB_TASKS, VtabTask
+
+if TYPE_CHECKING:
+    import tensorflow_datasets as tfds
 
 __all__ = [
     "TFDS_PREPARE_INSTALL",
@@ -58,6 +59,11 @@ def get_vtab_task(task: str | VtabTask) -> VtabTask:
 # TFDS layout
 # --------------------------------------------------------------------------------------------------------
 
+def _tfds() -> ModuleType:
+    """``tensorflow_datasets``, imported only when TFDS data is read (the ``vtab`` extra installs it)."""
+    return import_optional("tensorflow_datasets", "reading VTAB-1k from TFDS")
+
+
 def select_tfds_version(task: VtabTask, data_dir: str) -> str:
     """The TFDS version to read for a task.
 
@@ -73,6 +79,9 @@ def select_tfds_version(task: VtabTask, data_dir: str) -> str:
     Returns:
         A version string such as ``"3.0.1"``.
     """
+    tfds = _tfds()
+    from tensorflow_datasets.core.utils.file_utils import list_dataset_versions
+
     prepared = [str(v) for v in list_dataset_versions(Path(data_dir, task.tfds_name))]
     if task.tfds_version in prepared:
         return task.tfds_version
@@ -137,6 +146,8 @@ def _download_and_prepare(task: VtabTask, builder: tfds.core.DatasetBuilder, dat
             f"VTAB task {task.name!r}: {task.tfds_name} needs manually downloaded files in {manual_dir}/, "
             f"which is missing or empty.\n{_prepare_steps(task, builder, data_dir)}"
         )
+    from tensorflow_datasets.core.file_adapters import FileFormat
+
     builder.download_and_prepare(file_format=FileFormat.ARRAY_RECORD.value)
 
 
@@ -180,6 +191,10 @@ class VtabTfdsDataset(Dataset):
         self.num_classes = self.task.num_classes
         self.transform = transform
         split_string = self.task.split(split)
+        tfds = _tfds()
+        from tensorflow_datasets.core import constants as tfds_constants
+        from tensorflow_datasets.core.file_adapters import FileFormat
+
         data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else tfds_constants.DATA_DIR
         self.tfds_id = f"{self.task.tfds_name}:{select_tfds_version(self.task, data_dir)}"
         builder = tfds.builder(self.tfds_id, data_dir=data_dir)

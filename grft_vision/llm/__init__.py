@@ -9,7 +9,7 @@ differs for text:
 - :mod:`.features`: the pooled final hidden state as selection features;
 - :mod:`.metrics`: accuracy, Matthews correlation (CoLA), F1 (MRPC);
 - :mod:`.task`: :class:`GlueTask`, the engine's task; :mod:`.config`: :class:`GlueTrainConfig`;
-- :mod:`.cli`: ``train_glue.py``; :mod:`.memory`: memory estimate (Llama-3.2-1B) and CPU measurement.
+- :mod:`.cli`: ``train_glue.py`` / ``grft-train-glue``.
 
 Library use::
 
@@ -19,64 +19,20 @@ Library use::
     model = apply_grft(model, config=GRFTConfig(structure="row", k=3, selection_views=1,
                                                  target_modules=["*layers.*"]),
                        dataloader=loader, features=TokenFeatures("last"))
-"""
-from .batches import TokenBatches
-from .config import DTYPES, POOLINGS, GlueTrainConfig
-from .data import (
-    GLUE_LAYOUTS,
-    GLUE_TASK_NAMES,
-    GLUE_TASKS,
-    GlueDataset,
-    GlueExample,
-    GlueTaskInfo,
-    PadCollate,
-    SequenceTooLongError,
-    load_glue,
-    read_glue_jsonl,
-    read_glue_tsv,
-    tokenize_dataset,
-)
-from .features import TokenFeatures, final_hidden_state, last_token_index, pool_hidden_states
-from .metrics import glue_metrics
-from .modeling import (
-    check_max_length,
-    enable_gradient_checkpointing,
-    keep_head_float32,
-    load_classifier,
-    load_tokenizer,
-    resolve_dtype,
-    resolve_pooling,
-)
-from .task import GlueTask
 
-__all__ = [
-    "DTYPES",
-    "GLUE_LAYOUTS",
-    "GLUE_TASKS",
-    "GLUE_TASK_NAMES",
-    "POOLINGS",
-    "GlueDataset",
-    "GlueExample",
-    "GlueTask",
-    "GlueTaskInfo",
-    "GlueTrainConfig",
-    "PadCollate",
-    "SequenceTooLongError",
-    "TokenBatches",
-    "TokenFeatures",
-    "check_max_length",
-    "enable_gradient_checkpointing",
-    "final_hidden_state",
-    "glue_metrics",
-    "keep_head_float32",
-    "last_token_index",
-    "load_classifier",
-    "load_glue",
-    "load_tokenizer",
-    "pool_hidden_states",
-    "read_glue_jsonl",
-    "read_glue_tsv",
-    "resolve_dtype",
-    "resolve_pooling",
-    "tokenize_dataset",
-]
+Needs ``pip install 'grft-vision[llm]'`` (transformers, scikit-learn, datasets); each name loads its module on
+first use, and a missing package is an error naming that extra.
+"""
+from .._lazy import attach
+
+__getattr__, __dir__, __all__ = attach(__name__, {
+    "batches": ["TokenBatches"],
+    "config": ["DTYPES", "POOLINGS", "GlueTrainConfig"],
+    "data": ["GLUE_LAYOUTS", "GLUE_TASK_NAMES", "GLUE_TASKS", "GlueDataset", "GlueExample", "GlueTaskInfo",
+             "PadCollate", "SequenceTooLongError", "load_glue", "read_glue_jsonl", "read_glue_tsv", "tokenize_dataset"],
+    "features": ["TokenFeatures", "final_hidden_state", "last_token_index", "pool_hidden_states"],
+    "metrics": ["glue_metrics"],
+    "modeling": ["check_max_length", "enable_gradient_checkpointing", "keep_head_float32", "load_classifier",
+                 "load_tokenizer", "resolve_dtype", "resolve_pooling"],
+    "task": ["GlueTask"],
+})

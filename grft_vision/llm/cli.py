@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Sequence
 
 from ..training import cli
+from ..training.config import builtin_config_dir
 from .config import DTYPES, POOLINGS, GlueTrainConfig
 from .data import GLUE_LAYOUTS, GLUE_TASK_NAMES
 
 __all__ = ["GLUE_FLAGS", "main", "resolve_settings", "CONFIG_DIR"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "glue"
+CONFIG_DIR = builtin_config_dir("glue")
 _IMAGE_FLAGS = {"--img-size", "--drop-path", "--checkpoint", "--layout"}
 GLUE_FLAGS = {
     **{flag: spec for flag, spec in cli.FLAGS.items() if flag not in _IMAGE_FLAGS},

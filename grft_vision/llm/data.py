@@ -218,7 +218,7 @@ def _load_hf(task: str, split: str) -> list[GlueExample]:
         import datasets
     except ImportError:
         raise DataNotFoundError(f"reading GLUE {info.folder} without --data-dir needs the 'datasets' package "
-                                f"(pip install datasets). {offline}") from None
+                                f"(pip install 'grft-vision[llm]'). {offline}") from None
     hf_split = "validation" if split == "dev" else split
     try:
         rows = datasets.load_dataset(_HF_DATASET, task, split=hf_split)

@@ -7,16 +7,17 @@ paper's Table 3 reports accuracy for all three tasks; GLUE's official scores are
 from __future__ import annotations
 
 import torch
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+from ..extras import import_optional
 from .data import GLUE_TASKS
 
-__all__ = ["glue_metrics", "METRIC_FUNCTIONS"]
+__all__ = ["glue_metrics", "METRICS"]
 
-METRIC_FUNCTIONS = {
-    "accuracy": accuracy_score,
-    "mcc": matthews_corrcoef,
-    "f1": lambda targets, predictions: f1_score(targets, predictions, pos_label=1, zero_division=0.0),
+# metric name -> (sklearn.metrics function, its keyword arguments)
+METRICS = {
+    "accuracy": ("accuracy_score", {}),
+    "mcc": ("matthews_corrcoef", {}),
+    "f1": ("f1_score", {"pos_label": 1, "zero_division": 0.0}),
 }
 
 
@@ -24,5 +25,10 @@ def glue_metrics(task: str, predictions: torch.Tensor, targets: torch.Tensor) ->
     """``{metric: value}`` of ``task`` (``accuracy`` always, plus ``mcc`` / ``f1``) for class ids ``[N]``."""
     if len(targets) == 0:
         return {name: 0.0 for name in GLUE_TASKS[task].metrics}
+    sklearn_metrics = import_optional("sklearn.metrics", "the GLUE metrics")
     y_true, y_pred = targets.cpu().numpy(), predictions.cpu().numpy()
-    return {name: float(METRIC_FUNCTIONS[name](y_true, y_pred)) for name in GLUE_TASKS[task].metrics}
+    scores = {}
+    for name in GLUE_TASKS[task].metrics:
+        function, options = METRICS[name]
+        scores[name] = float(getattr(sklearn_metrics, function)(y_true, y_pred, **options))
+    return scores

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..anatomy import head_module_names
 from ..config import ConfigError
+from ..extras import import_optional
 from ..training.model_factory import ModelLoadError
 
 __all__ = ["resolve_dtype", "load_tokenizer", "load_classifier", "enable_gradient_checkpointing",
@@ -64,6 +65,7 @@ def load_tokenizer(name: str, pad_token: str | None = None) -> Any:
         ModelLoadError: the tokenizer cannot be found or loaded (the message says how to use a local copy).
         ConfigError: no pad token can be set (no pad, no EOS, or ``pad_token`` not in the vocabulary).
     """
+    import_optional("transformers", "loading a tokenizer")
     from transformers import AutoTokenizer
 
     _check_source(name)
@@ -163,6 +165,7 @@ def load_classifier(name: str, num_classes: int, tokenizer: Any, *, pretrained: 
     Raises:
         ModelLoadError: the model cannot be found or loaded (the message says how to use a local copy).
     """
+    import_optional("transformers", "loading a language model")
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning import losses, reducers
 
+from ..extras import import_optional
 from .topk import SelectionError
 
 __all__ = ["SupConSelectionLoss", "CrossEntropySelectionLoss", "SELECTION_LOSSES", "selection_loss"]
@@ -27,6 +27,8 @@ class SupConSelectionLoss:
     """
 
     def __init__(self, temperature: float = 0.07) -> None:
+        losses = import_optional("pytorch_metric_learning.losses", "the SupCon selection loss")
+        reducers = import_optional("pytorch_metric_learning.reducers", "the SupCon selection loss")
         self.loss = losses.SupConLoss(temperature=temperature)
         self.per_anchor = losses.SupConLoss(temperature=temperature, reducer=reducers.DoNothingReducer())
 

@@ -1,23 +1,15 @@
-"""The training engine shared by the scripts: settings, the loop, checkpoints, distribution, monitoring."""
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .distributed import DistributedContext
-from .loop import Batches, ImageBatches, Precision, TrainingError, evaluate, train_one_epoch
-from .model_factory import ModelLoadError, create_timm_model
-from .monitor import Monitor
+"""The training engine shared by the scripts: settings, the loop, checkpoints, distribution, monitoring.
 
-__all__ = [
-    "Batches",
-    "DistributedContext",
-    "ImageBatches",
-    "ModelLoadError",
-    "Monitor",
-    "Precision",
-    "TrainConfig",
-    "TrainingError",
-    "create_timm_model",
-    "evaluate",
-    "load_checkpoint",
-    "save_checkpoint",
-    "train_one_epoch",
-]
+Each name loads its module on first use; TensorBoard (the ``train`` extra) is imported only when a
+:class:`Monitor` writes event files.
+"""
+from .._lazy import attach
+
+__getattr__, __dir__, __all__ = attach(__name__, {
+    "checkpoint": ["load_checkpoint", "save_checkpoint"],
+    "config": ["TrainConfig"],
+    "distributed": ["DistributedContext"],
+    "loop": ["Batches", "ImageBatches", "Precision", "TrainingError", "evaluate", "train_one_epoch"],
+    "model_factory": ["ModelLoadError", "create_timm_model"],
+    "monitor": ["Monitor"],
+})

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from ..config import GRFTConfig
 from ..data import DATASET_NAMES, dataset_num_classes
 from ..errors import ConfigError, GRFTError, TrainingError, did_you_mean
-from .config import TrainConfig, load_layers, split_settings, yaml_problem
+from .config import TrainConfig, builtin_config_files, load_layers, split_settings, yaml_problem
 
 if TYPE_CHECKING:
     from .task import Task
@@ -177,13 +177,12 @@ def resolve_settings(benchmark: str, argv: Sequence[str] | None, config_dir: str
         dataset_num_classes(args.dataset)  # raises ConfigError listing the valid names
     else:
         check_dataset_name(args.dataset, dataset_names)
-    config_dir = Path(config_dir)
-    files = [config_dir / "defaults.yaml", config_dir / f"{args.dataset}.yaml", *map(Path, args.config_files)]
+    files = [*builtin_config_files(config_dir, args.dataset), *map(Path, args.config_files)]
     for path in files[2:]:
         if not path.is_file():
             state = "is not a file" if path.exists() else "does not exist"
             raise ConfigError(f"config file {path} {state}; pass a YAML file of settings to --config.")
-    settings = load_layers((path for path in files if path.is_file()), config_cls)
+    settings = load_layers(files, config_cls)
     if benchmark in BENCHMARK_SPLITS:
         settings.setdefault("train_split", BENCHMARK_SPLITS[benchmark])
     settings["dataset"] = args.dataset

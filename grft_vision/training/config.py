@@ -8,6 +8,7 @@ and the closest valid key.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,8 @@ from timm.scheduler import create_scheduler_v2
 from ..config import GRFTConfig, check_field_types, check_range, coerce_numbers
 from ..errors import ConfigError, did_you_mean
 
-__all__ = ["TrainConfig", "METHODS", "INTERPOLATIONS", "load_layers", "split_settings", "resolved_settings",
-           "max_workers", "yaml_problem"]
+__all__ = ["TrainConfig", "METHODS", "INTERPOLATIONS", "builtin_config_dir", "builtin_config_files", "load_layers",
+           "split_settings", "resolved_settings", "max_workers", "yaml_problem"]
 
 METHODS = ("grft", "full", "head")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")  # timm's names
@@ -138,6 +139,37 @@ class TrainConfig:
     def total_epochs(self) -> int:
         """Warm-up plus cosine epochs."""
         return self.warmup_epochs + self.epochs
+
+
+def builtin_config_dir(benchmark: str) -> Path:
+    """The folder of a benchmark's built-in configs (``vtab``, ``fgvc``, ``glue``): package data,
+    ``grft_vision/configs/<benchmark>/`` (the repository's top-level ``configs/`` links there).
+
+    Raises:
+        ConfigError: the package holds no such folder (an unknown benchmark, or an incomplete install).
+    """
+    folder = importlib.resources.files("grft_vision") / "configs" / benchmark
+    if not folder.is_dir():
+        raise ConfigError(f"grft-vision has no built-in configs for {benchmark!r} ({folder}); reinstall the "
+                          "package if it should (pip install --force-reinstall grft-vision).")
+    return Path(str(folder))
+
+
+def builtin_config_files(config_dir: str | Path, dataset: str) -> list[Path]:
+    """``[<config_dir>/defaults.yaml, <config_dir>/<dataset>.yaml]``, the settings files every run reads first.
+
+    Raises:
+        ConfigError: either file is missing; a built-in config is never skipped silently.
+    """
+    config_dir = Path(config_dir)
+    files = [config_dir / "defaults.yaml", config_dir / f"{dataset}.yaml"]
+    for path in files:
+        if not path.is_file():
+            known = sorted(p.stem for p in config_dir.glob("*.yaml") if p.stem != "defaults")
+            raise ConfigError(f"no config file {path}: {config_dir} has configs for "
+                              f"{', '.join(known) or 'nothing'}. Run {dataset!r} with the script of its own "
+                              "benchmark, or add the file.")
+    return files
 
 
 def _field_names(cls: type) -> set[str]:

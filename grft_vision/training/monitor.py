@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..extras import import_optional
 from ..selection import SelectionRecord
 
 __all__ = ["Monitor"]
@@ -31,6 +32,7 @@ class Monitor:
     def __init__(self, logdir: str | None) -> None:
         self.writer = None
         if logdir is not None:
+            import_optional("tensorboard", "TensorBoard logging")  # a missing package names the extra
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=logdir)

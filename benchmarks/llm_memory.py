@@ -6,9 +6,10 @@ state, so training memory is the weights, the activations autograd saves, and a 
 as full fine-tuning's — every targeted linear layer saves its input for the gradient of its update — and
 gradient checkpointing reduces them to one hidden state per layer plus one layer's activations.
 
-``python -m grft_vision.llm.memory`` prints the estimate for Llama-3.2-1B (bf16, batch 16 x 256 tokens);
-``python -m grft_vision.llm.memory --measure`` measures a small Llama on the CPU (peak RSS of a fresh process
-and the bytes autograd saves), for GRFT and full fine-tuning, with and without checkpointing.
+``python benchmarks/llm_memory.py`` prints the estimate for Llama-3.2-1B (bf16, batch 16 x 256 tokens);
+``python benchmarks/llm_memory.py --measure`` measures a small Llama on the CPU (peak RSS of a fresh process
+and the bytes autograd saves), for GRFT and full fine-tuning, with and without checkpointing. Needs
+``pip install 'grft-vision[llm]'``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import resource
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 __all__ = ["LlamaShape", "LLAMA_3_2_1B", "count_parameters", "trainable_parameters", "estimate_memory",
@@ -158,13 +160,12 @@ def measure_training_memory(shape: LlamaShape = SMALL_LLAMA, batch: int = 16, se
     import torch
     from transformers import LlamaForSequenceClassification
 
-    from ..config import GRFTConfig
-    from ..model import apply_grft
+    from grft_vision import GRFTConfig, apply_grft
 
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(shape.llama_config(num_labels=2, pad_token_id=0, use_cache=False))
     if checkpointing:
-        from .modeling import enable_gradient_checkpointing
+        from grft_vision.llm.modeling import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
     if method == "grft":
@@ -208,7 +209,8 @@ def _measure_all(batch: int, seq: int, steps: int) -> list[dict[str, Any]]:
     results = []
     for method in ("grft", "full"):
         for checkpointing in (False, True):
-            code = ("import json, sys; from grft_vision.llm.memory import measure_training_memory as m; "
+            code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+                    "from llm_memory import measure_training_memory as m; "
                     f"print(json.dumps(m(batch={batch}, seq={seq}, method={method!r}, "
                     f"checkpointing={checkpointing}, steps={steps})))")
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,7 +1,7 @@
 """Aggregate training runs into the GRFT paper's result tables, side by side with the paper's numbers.
 
-    python -m grft_vision.report runs/vtab --benchmark vtab --out runs/vtab/table2.md
-    python -m grft_vision.report runs/fgvc/cub/seed42 runs/fgvc/cub/seed43 --benchmark fgvc
+    python benchmarks/paper_report.py runs/vtab --benchmark vtab --out runs/vtab/table2.md
+    python benchmarks/paper_report.py runs/fgvc/cub/seed42 runs/fgvc/cub/seed43 --benchmark fgvc
 
 Every argument is a run directory (holding ``metrics.json``, as ``train_vtab.py`` / ``train_fgvc.py`` write
 it) or a folder searched recursively for them. Runs are grouped by method (``grft``, ``full``, ``head``) and
@@ -11,7 +11,8 @@ the Natural / Specialized / Structured groups, mean accuracy over the 19 tasks, 
 paper's GRFT row and the difference under it; a task without runs is shown as '—'. When some tasks are
 missing, the means are over the tasks present, and the paper's means are recomputed over the same tasks.
 
-The paper's numbers are hard-coded below from ``shared/papers/004_ea893cf17ee21409.txt`` (Tables 1, 2 and 8).
+The paper's numbers are data, not code: ``paper_results.yaml`` beside this file (Tables 1, 2 and 8, with
+their source), or another file of that layout given with ``--paper``.
 """
 from __future__ import annotations
 
@@ -24,45 +25,50 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-__all__ = ["BENCHMARKS", "PAPER_GRFT", "PAPER_PARAMS", "RunResult", "find_runs", "load_run", "aggregate",
+import yaml
+
+__all__ = ["PAPER_RESULTS", "PaperTable", "load_paper_table", "RunResult", "find_runs", "load_run", "aggregate",
            "render", "main"]
 
-# benchmark -> ordered (group, [(dataset, column title)])
-BENCHMARKS: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {
-    "vtab": [
-        ("Natural", [("cifar100", "CIFAR-100"), ("caltech101", "Caltech101"), ("dtd", "DTD"),
-                     ("flowers102", "Flowers102"), ("pets", "Pets"), ("svhn", "SVHN"), ("sun397", "Sun397")]),
-        ("Specialized", [("patch_camelyon", "Patch Camelyon"), ("eurosat", "EuroSAT"), ("resisc45", "Resisc45"),
-                         ("diabetic_retinopathy", "Retinopathy")]),
-        ("Structured", [("clevr_count", "Clevr/count"), ("clevr_dist", "Clevr/distance"), ("dmlab", "DMLab"),
-                        ("kitti", "KITTI/distance"), ("dsprites_loc", "dSprites/loc"), ("dsprites_ori", "dSprites/ori"),
-                        ("smallnorb_azi", "SmallNORB/azi"), ("smallnorb_ele", "SmallNORB/ele")]),
-    ],
-    "fgvc": [
-        ("FGVC", [("cub", "CUB-2011"), ("nabirds", "NABirds"), ("flowers", "Oxford Flowers"), ("dogs", "Stan.Dogs"),
-                  ("cars", "Stan.Cars")]),
-    ],
-}
-TABLE_NAMES = {"vtab": "Table 2 (VTAB-1k, ViT-B/16 ImageNet-21k)", "fgvc": "Table 1 (FGVC, ViT-B/16 ImageNet-21k)"}
+PAPER_RESULTS = Path(__file__).resolve().with_name("paper_results.yaml")
+BENCHMARKS = ("fgvc", "vtab")
 
-# The paper's GRFT row: Table 1 (FGVC) and Table 2 (VTAB-1k), top-1 %.
-PAPER_GRFT: dict[str, dict[str, float]] = {
-    "fgvc": {"cub": 90.1, "nabirds": 87.0, "flowers": 99.7, "dogs": 89.1, "cars": 90.8},
-    "vtab": {"cifar100": 69.5, "caltech101": 93.6, "dtd": 75.9, "flowers102": 99.5, "pets": 91.4, "svhn": 91.2,
-             "sun397": 52.2, "patch_camelyon": 88.2, "eurosat": 96.0, "resisc45": 86.5, "diabetic_retinopathy": 76.3,
-             "clevr_count": 81.4, "clevr_dist": 62.3, "dmlab": 55.1, "kitti": 80.9, "dsprites_loc": 81.9,
-             "dsprites_ori": 55.8, "smallnorb_azi": 32.0, "smallnorb_ele": 43.6},
-}
-# The paper's printed means (Tables 1, 2): mean accuracy and mean trainable %.
-PAPER_MEANS = {"fgvc": (91.33, 1.22), "vtab": (74.38, 0.30)}
-# The paper's Table 8: trainable % of each task's GRFT run.
-PAPER_PARAMS: dict[str, dict[str, float]] = {
-    "fgvc": {"cub": 0.47, "nabirds": 2.56, "flowers": 0.26, "dogs": 0.58, "cars": 2.22},
-    "vtab": {"cifar100": 0.26, "caltech101": 0.26, "dtd": 0.22, "flowers102": 0.26, "pets": 0.28, "svhn": 0.41,
-             "sun397": 0.53, "patch_camelyon": 0.25, "eurosat": 0.26, "resisc45": 0.37, "diabetic_retinopathy": 0.18,
-             "clevr_count": 0.33, "clevr_dist": 0.26, "dmlab": 0.30, "kitti": 0.18, "dsprites_loc": 0.34,
-             "dsprites_ori": 0.31, "smallnorb_azi": 0.34, "smallnorb_ele": 0.30},
-}
+
+@dataclass(frozen=True)
+class PaperTable:
+    """One of the paper's result tables: its layout and the GRFT row (top-1 %, trainable % per dataset)."""
+
+    benchmark: str  # "fgvc" or "vtab"
+    title: str  # e.g. "Table 2 (VTAB-1k, ViT-B/16 ImageNet-21k)"
+    groups: list[tuple[str, list[tuple[str, str]]]]  # ordered (group, [(dataset, column title)])
+    top1: dict[str, float]  # dataset -> the paper's GRFT test top-1 (%)
+    trainable_percent: dict[str, float]  # dataset -> Table 8's trainable share (%)
+    mean_top1: float  # the printed mean over all datasets
+    mean_trainable_percent: float
+
+
+def load_paper_table(benchmark: str, path: str | Path = PAPER_RESULTS) -> PaperTable:
+    """Read ``benchmark``'s table from a results file (see ``paper_results.yaml`` for the layout).
+
+    Raises:
+        ValueError: the file has no such benchmark, or a dataset lacks its title, top1 or trainable_percent.
+    """
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if benchmark not in data:
+        raise ValueError(f"{path}: no {benchmark!r} table (it has: {', '.join(k for k in data if k != 'source')})")
+    table = data[benchmark]
+    groups, top1, trainable = [], {}, {}
+    for group, datasets in table["groups"].items():
+        for name, entry in datasets.items():
+            missing = {"title", "top1", "trainable_percent"} - set(entry or {})
+            if missing:
+                raise ValueError(f"{path}: {benchmark}/{name} lacks {', '.join(sorted(missing))}")
+            top1[name], trainable[name] = float(entry["top1"]), float(entry["trainable_percent"])
+        groups.append((group, [(name, str(entry["title"])) for name, entry in datasets.items()]))
+    return PaperTable(benchmark, str(table["table"]), groups, top1, trainable, float(table["mean_top1"]),
+                      float(table["mean_trainable_percent"]))
+
+
 MISSING = "—"
 
 
@@ -103,8 +109,6 @@ def _seed(run_dir: Path, metrics: dict) -> int | None:
     config = run_dir / "config.yaml"
     if config.is_file():
         try:
-            import yaml
-
             value = (yaml.safe_load(config.read_text()) or {}).get("seed")
             return int(value) if value is not None else None
         except Exception:  # an unreadable config only loses the seed column
@@ -151,14 +155,15 @@ class Cell:
         return statistics.fmean(values) if values else None
 
 
-def aggregate(runs: Sequence[RunResult], benchmark: str) -> tuple[dict[str, dict[str, Cell]], list[str]]:
-    """``{method: {dataset: Cell}}`` for the benchmark's datasets, and warnings (other datasets, repeated seeds)."""
-    datasets = {name for _, columns in BENCHMARKS[benchmark] for name, _ in columns}
+def aggregate(runs: Sequence[RunResult], paper: PaperTable) -> tuple[dict[str, dict[str, Cell]], list[str]]:
+    """``{method: {dataset: Cell}}`` for the datasets of ``paper``'s table, and warnings (other datasets,
+    repeated seeds)."""
+    datasets = set(paper.top1)
     table: dict[str, dict[str, Cell]] = {}
     warnings = []
     for run in runs:
         if run.dataset not in datasets:
-            warnings.append(f"{run.path}: dataset {run.dataset!r} is not a {benchmark} task; ignored")
+            warnings.append(f"{run.path}: dataset {run.dataset!r} is not a {paper.benchmark} task; ignored")
             continue
         table.setdefault(run.method, {}).setdefault(run.dataset, Cell()).runs.append(run)
     for method, cells in table.items():
@@ -169,8 +174,8 @@ def aggregate(runs: Sequence[RunResult], benchmark: str) -> tuple[dict[str, dict
     return table, warnings
 
 
-def _columns(benchmark: str) -> list[tuple[str, str, str]]:
-    return [(group, name, title) for group, columns in BENCHMARKS[benchmark] for name, title in columns]
+def _columns(paper: PaperTable) -> list[tuple[str, str, str]]:
+    return [(group, name, title) for group, columns in paper.groups for name, title in columns]
 
 
 def _fmt(value: float | None, digits: int = 1, sign: bool = False) -> str:
@@ -179,18 +184,18 @@ def _fmt(value: float | None, digits: int = 1, sign: bool = False) -> str:
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
-def render(table: dict[str, dict[str, Cell]], benchmark: str, warnings: Sequence[str] = ()) -> str:
+def render(table: dict[str, dict[str, Cell]], paper_table: PaperTable, warnings: Sequence[str] = ()) -> str:
     """The markdown report: the paper's layout (one row per method, the paper's GRFT row, the difference),
     then one line per dataset with seeds, std and trainable % against Table 8."""
-    columns = _columns(benchmark)
-    groups = BENCHMARKS[benchmark]
-    paper, paper_params = PAPER_GRFT[benchmark], PAPER_PARAMS[benchmark]
+    columns = _columns(paper_table)
+    groups = paper_table.groups
+    paper, paper_params = paper_table.top1, paper_table.trainable_percent
     multi_group = len(groups) > 1
     headers = ["Method", *[title for _, _, title in columns]]
     if multi_group:
         headers += [f"{group} mean" for group, _ in groups]
     headers += ["Mean Acc.", "Mean Params. (%)"]
-    lines = [f"# {TABLE_NAMES[benchmark]}: this reproduction vs the paper", ""]
+    lines = [f"# {paper_table.title}: this reproduction vs the paper", ""]
     if multi_group:
         spans = ", ".join(f"{group}: {', '.join(title for _, title in cols)}" for group, cols in groups)
         lines += [f"Groups — {spans}.", ""]
@@ -221,7 +226,7 @@ def render(table: dict[str, dict[str, Cell]], benchmark: str, warnings: Sequence
             names = [name for name, _ in cols if name in subset]
             paper_row.append(_fmt(statistics.fmean(paper[n] for n in names)) if names else MISSING)
     if complete:
-        paper_row += [_fmt(PAPER_MEANS[benchmark][0], 2), _fmt(PAPER_MEANS[benchmark][1], 2)]
+        paper_row += [_fmt(paper_table.mean_top1, 2), _fmt(paper_table.mean_trainable_percent, 2)]
     else:
         paper_row += [_fmt(statistics.fmean(paper[n] for n in subset), 2) + f" (same {len(subset)} tasks)",
                       _fmt(statistics.fmean(paper_params[n] for n in subset), 2)]
@@ -240,7 +245,7 @@ def render(table: dict[str, dict[str, Cell]], benchmark: str, warnings: Sequence
                  ""]
         lines.append("| " + " | ".join(diff) + " |")
     lines += ["", "Cells: mean ± sample std of test top-1 (%) over the runs of a task; '—': no run. Paper row: "
-                  "the GRFT row of the paper's " + TABLE_NAMES[benchmark].split(" (")[0] + "; its mean over all "
+                  "the GRFT row of the paper's " + paper_table.title.split(" (")[0] + "; its mean over all "
                   f"{len(columns)} tasks is the paper's printed mean.", ""]
     lines += ["| method | task | runs | seeds | top-1 (%) | paper GRFT | Δ | trainable % | paper % (Table 8) | "
               "structure, k |", "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
@@ -263,14 +268,17 @@ def render(table: dict[str, dict[str, Cell]], benchmark: str, warnings: Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m grft_vision.report",
+        prog="python benchmarks/paper_report.py",
         description="Aggregate run directories (metrics.json) into the GRFT paper's Table 1 (FGVC) or Table 2 "
                     "(VTAB-1k), with the paper's GRFT numbers side by side.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or folders holding them")
-    parser.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+    parser.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    parser.add_argument("--paper", type=Path, default=PAPER_RESULTS, metavar="FILE",
+                        help="the paper's numbers (layout of paper_results.yaml)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args(argv)
     try:
+        paper = load_paper_table(args.benchmark, args.paper)
         paths = find_runs(args.runs)
         runs = [load_run(path) for path in paths]
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as error:
@@ -279,8 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not runs:
         print(f"error: no metrics.json under {' '.join(args.runs)} (no finished run yet?)", file=sys.stderr)
         return 2
-    table, warnings = aggregate(runs, args.benchmark)
-    text = render(table, args.benchmark, warnings)
+    table, warnings = aggregate(runs, paper)
+    text = render(table, paper, warnings)
     print(text, end="")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

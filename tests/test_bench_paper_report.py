@@ -1,6 +1,7 @@
-"""grft_vision.report: run directories -> the paper's Table 1 / Table 2 layout, with the paper's GRFT row."""
+"""benchmarks/paper_report.py: run directories -> the paper's Table 1 / Table 2 layout, with the paper's GRFT row."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -8,10 +9,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from grft_vision import report
+from grft_vision.data import FGVC_DATASETS, VTAB_TASKS
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "paper_report.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("grft_bench_paper_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _load()
 
 
 def _write_run(root: Path, dataset: str, seed: int, top1: float, *, method: str = "grft", percent: float = 0.25,
@@ -34,19 +48,35 @@ def _row(text: str, first_cell: str) -> list[str]:
     raise AssertionError(f"no row {first_cell!r} in\n{text}")
 
 
-def test_paper_numbers_match_the_paper_means():
-    # Table 2's printed mean is the mean over the 19 tasks; Table 1's over the 5 datasets (rounded).
-    assert len(report.PAPER_GRFT["vtab"]) == 19 and len(report.PAPER_GRFT["fgvc"]) == 5
-    assert statistics.fmean(report.PAPER_GRFT["vtab"].values()) == pytest.approx(74.38, abs=0.005)
-    assert statistics.fmean(report.PAPER_GRFT["fgvc"].values()) == pytest.approx(91.33, abs=0.02)
-    assert statistics.fmean(report.PAPER_PARAMS["vtab"].values()) == pytest.approx(0.30, abs=0.005)
-    assert statistics.fmean(report.PAPER_PARAMS["fgvc"].values()) == pytest.approx(1.22, abs=0.005)
-    # every dataset of the layout has a paper number, and the layout names the library's datasets
-    from grft_vision.data import FGVC_DATASETS, VTAB_TASKS
+@pytest.mark.parametrize("benchmark, library", [("vtab", VTAB_TASKS), ("fgvc", FGVC_DATASETS)])
+def test_paper_tables_cover_the_library_datasets(benchmark, library):
+    paper = report.load_paper_table(benchmark)
+    columns = [name for _, names in paper.groups for name, _ in names]
+    assert sorted(columns) == sorted(library) == sorted(paper.top1) == sorted(paper.trainable_percent)
 
-    for benchmark, known in (("vtab", VTAB_TASKS), ("fgvc", FGVC_DATASETS)):
-        names = [name for _, columns in report.BENCHMARKS[benchmark] for name, _ in columns]
-        assert sorted(names) == sorted(known) == sorted(report.PAPER_GRFT[benchmark])
+
+def test_the_paper_row_comes_from_the_data_file(tmp_path):
+    data = yaml.safe_load(report.PAPER_RESULTS.read_text())
+    data["vtab"]["groups"]["Natural"]["dtd"]["top1"] = 50.0
+    edited = tmp_path / "paper.yaml"
+    edited.write_text(yaml.safe_dump(data, sort_keys=False))
+    _write_run(tmp_path / "runs", "dtd", 42, 0.70, percent=0.22)
+    out = tmp_path / "table2.md"
+    assert report.main([str(tmp_path / "runs"), "--benchmark", "vtab", "--paper", str(edited), "--out", str(out)]) == 0
+    text = out.read_text()
+    header = _row(text, "Method")
+    assert dict(zip(header, _row(text, "paper: GRFT")))["DTD"] == "50.0"
+    assert dict(zip(header, _row(text, "Δ (this GRFT − paper)")))["DTD"] == "+20.0"
+
+
+def test_an_incomplete_data_file_is_an_error(tmp_path, capsys):
+    data = yaml.safe_load(report.PAPER_RESULTS.read_text())
+    del data["fgvc"]["groups"]["FGVC"]["cub"]["trainable_percent"]
+    edited = tmp_path / "paper.yaml"
+    edited.write_text(yaml.safe_dump(data))
+    _write_run(tmp_path / "runs", "cub", 42, 0.9)
+    assert report.main([str(tmp_path / "runs"), "--benchmark", "fgvc", "--paper", str(edited)]) == 2
+    assert "fgvc/cub lacks trainable_percent" in capsys.readouterr().err
 
 
 def test_vtab_table_groups_seeds_and_marks_missing_tasks(tmp_path):
@@ -84,8 +114,8 @@ def test_complete_fgvc_table_uses_the_paper_means(tmp_path):
     for dataset, value in values.items():
         for seed in (42, 43):
             _write_run(tmp_path, dataset, seed, value, percent=1.0)
-    text = report.render(*report.aggregate([report.load_run(p) for p in report.find_runs([tmp_path])], "fgvc")[:1],
-                         "fgvc")
+    paper = report.load_paper_table("fgvc")
+    text = report.render(report.aggregate([report.load_run(p) for p in report.find_runs([tmp_path])], paper)[0], paper)
     header = _row(text, "Method")
     ours = dict(zip(header, _row(text, "this run: grft")))
     assert ours["Mean Acc."] == f"{100 * statistics.fmean(values.values()):.2f}"
@@ -99,10 +129,11 @@ def test_seed_from_metrics_or_config_and_warnings(tmp_path):
     _write_run(tmp_path / "again", "dtd", 42, 0.7)
     _write_run(tmp_path, "cub", 42, 0.9)  # an FGVC run in a VTAB report is reported, not averaged in
     runs = [report.load_run(p) for p in report.find_runs([tmp_path])]
-    table, warnings = report.aggregate(runs, "vtab")
+    vtab = report.load_paper_table("vtab")
+    table, warnings = report.aggregate(runs, vtab)
     assert sorted(r.seed is None for r in table["grft"]["dtd"].runs) == [False, True]
     assert any("'cub' is not a vtab task" in w for w in warnings)
-    table, warnings = report.aggregate([r for r in runs if r.seed == 42] * 2, "vtab")
+    table, warnings = report.aggregate([r for r in runs if r.seed == 42] * 2, vtab)
     assert any("share a seed" in w for w in warnings)
 
 
@@ -117,10 +148,10 @@ def test_errors_exit_with_code_2(tmp_path, capsys):
     assert "not a fraction" in capsys.readouterr().err
 
 
-def test_module_entry_point(tmp_path):
+def test_script_entry_point(tmp_path):
     _write_run(tmp_path, "svhn", 42, 0.9)
-    result = subprocess.run([sys.executable, "-m", "grft_vision.report", str(tmp_path), "--benchmark", "vtab"],
-                            capture_output=True, text=True, cwd=REPO, check=True)
+    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--benchmark", "vtab"],
+                            capture_output=True, text=True, cwd=tmp_path, check=True)
     assert "| this run: grft |" in result.stdout and "90.0 ± 0.0" in result.stdout
 
 
@@ -148,4 +179,4 @@ def test_reproduce_scripts_dry_run(tmp_path, script, benchmark, table, name):
     assert f"--seed 43 --run-dir {runs}/{name}/seed43" in commands[0] and "--resume" in commands[0]
     assert f"--seed 44 --run-dir {runs}/{name}/seed44" in commands[1] and "--resume" not in commands[1]
     assert all(f"--dataset {name}" in c and "--checkpoint /w.npz" in c for c in commands)
-    assert lines[-1] == f"+ python -m grft_vision.report {runs} --benchmark {benchmark} --out {runs}/{table}"
+    assert lines[-1] == f"+ python benchmarks/paper_report.py {runs} --benchmark {benchmark} --out {runs}/{table}"
