@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear_rows", "linear_columns", "linear_sparse"]
+__all__ = ["linear_rows", "linear_columns", "linear_sparse", "patch_sparse"]
 
 _SLOT_BUDGET = 1 << 22  # elements of the [rows, out, slots] block the sparse path gathers at once
 
@@ -110,39 +110,95 @@ def _slot_step(rows: int, out: int) -> int:
     return max(1, _SLOT_BUDGET // max(rows * out, 1))
 
 
+def _add_sparse(flat_y: torch.Tensor, flat_x: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor) -> None:
+    """``flat_y[:, o] += sum_j flat_x[:, indices[o, j]] * delta[o, j]``, in place, slot chunk by slot chunk."""
+    out, slots = indices.shape
+    step = _slot_step(len(flat_x), out)
+    values = delta.to(flat_y.dtype)
+    for start in range(0, slots, step):
+        chunk = indices[:, start:start + step]  # [out, c]
+        gathered = flat_x.index_select(1, chunk.reshape(-1)).view(len(flat_x), out, -1)
+        flat_y.add_((gathered.to(flat_y.dtype) * values[:, start:start + step]).sum(-1))
+
+
+def _sparse_grads(flat_gy: torch.Tensor, flat_x: torch.Tensor | None, indices: torch.Tensor, delta: torch.Tensor,
+                  flat_grad_x: torch.Tensor | None, want_delta: bool) -> torch.Tensor | None:
+    """Add the update's part of ``dx`` into ``flat_grad_x`` (if given); return ``d delta`` (if wanted)."""
+    out, slots = indices.shape
+    step = _slot_step(len(flat_gy), out)
+    values = delta.to(flat_gy.dtype)
+    grad_delta = torch.empty(delta.shape, dtype=flat_gy.dtype, device=flat_gy.device) if want_delta else None
+    for start in range(0, slots, step):
+        chunk = indices[:, start:start + step]
+        if flat_grad_x is not None:
+            contribution = flat_gy[:, :, None] * values[:, start:start + step]  # [rows, out, c]
+            flat_grad_x.index_add_(1, chunk.reshape(-1), contribution.reshape(len(flat_gy), -1))
+        if grad_delta is not None:
+            gathered = flat_x.index_select(1, chunk.reshape(-1)).view(len(flat_gy), out, -1)
+            grad_delta[:, start:start + step] = (gathered.to(flat_gy.dtype) * flat_gy[:, :, None]).sum(0)
+    return grad_delta
+
+
 class _LinearSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, indices, delta):
         _save(ctx, (x, weight, bias, indices, delta), x if _needs_x(ctx) else None, weight, indices, delta)
         y = F.linear(x, weight, bias)
-        flat_x, flat_y = _flat(x), _flat(y)
-        out, slots = indices.shape
-        step = _slot_step(len(flat_x), out)
-        values = delta.to(y.dtype)
-        for start in range(0, slots, step):
-            chunk = indices[:, start:start + step]  # [out, c]
-            gathered = flat_x.index_select(1, chunk.reshape(-1)).view(len(flat_x), out, -1)
-            flat_y.add_((gathered.to(y.dtype) * values[:, start:start + step]).sum(-1))
+        _add_sparse(_flat(y), _flat(x), indices, delta)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, indices, delta = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = _frozen_parts(ctx, gy, weight, x)
-        flat_gy = _flat(gy)
-        out, slots = indices.shape
-        step = _slot_step(len(flat_gy), out)
-        values = delta.to(gy.dtype)
-        grad_delta = torch.empty(delta.shape, dtype=gy.dtype, device=gy.device) if ctx.needs_input_grad[4] else None
-        for start in range(0, slots, step):
-            chunk = indices[:, start:start + step]
-            if grad_x is not None:
-                contribution = flat_gy[:, :, None] * values[:, start:start + step]  # [rows, out, c]
-                _flat(grad_x).index_add_(1, chunk.reshape(-1), contribution.reshape(len(flat_gy), -1))
-            if grad_delta is not None:
-                gathered = _flat(x).index_select(1, chunk.reshape(-1)).view(len(flat_gy), out, -1)
-                grad_delta[:, start:start + step] = (gathered.to(gy.dtype) * flat_gy[:, :, None]).sum(0)
+        grad_delta = _sparse_grads(_flat(gy), None if x is None else _flat(x), indices, delta,
+                                   None if grad_x is None else _flat(grad_x), ctx.needs_input_grad[4])
         return _cast_to(ctx, (grad_x, grad_weight, grad_bias, None, grad_delta))
+
+
+def _patches(x: torch.Tensor, kernel: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N * rows * cols, C * kh * kw]``: the non-overlapping kernel-sized patches of a
+    ``rows x cols`` grid, each flattened as a convolution weight's ``[C, kh, kw]``."""
+    (kh, kw), (rows, cols) = kernel, grid
+    n, channels = x.shape[:2]
+    patches = x[:, :, :rows * kh, :cols * kw].reshape(n, channels, rows, kh, cols, kw)
+    return patches.permute(0, 2, 4, 1, 3, 5).reshape(n * rows * cols, channels * kh * kw)
+
+
+class _PatchSparse(torch.autograd.Function):
+    """The sparse update of a patchifying convolution (stride = kernel): ``[N, out, rows, cols]``.
+
+    Saves the image itself (which the frozen convolution beside it saves too), not a patch-ordered copy.
+    """
+
+    @staticmethod
+    def forward(ctx, x, indices, delta, kernel, grid):
+        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, indices, delta)
+        ctx.geometry, ctx.image_shape, ctx.input_dtypes = (kernel, grid), x.shape, [x.dtype, None, delta.dtype]
+        flat_x = _patches(x, kernel, grid)
+        flat_y = flat_x.new_zeros(len(flat_x), indices.shape[0], dtype=torch.promote_types(x.dtype, delta.dtype))
+        _add_sparse(flat_y, flat_x, indices, delta)
+        return flat_y.view(x.shape[0], grid[0] * grid[1], -1).transpose(1, 2).reshape(x.shape[0], -1, *grid)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, indices, delta = ctx.saved_tensors
+        kernel, grid = ctx.geometry
+        flat_gy = gy.flatten(2).transpose(1, 2).reshape(-1, gy.shape[1])
+        flat_grad_x = None
+        if ctx.needs_input_grad[0]:
+            flat_grad_x = flat_gy.new_zeros(len(flat_gy), ctx.image_shape[1] * kernel[0] * kernel[1])
+        grad_delta = _sparse_grads(flat_gy, None if x is None else _patches(x, kernel, grid), indices, delta,
+                                   flat_grad_x, ctx.needs_input_grad[2])
+        grad_x = None
+        if flat_grad_x is not None:  # the patches back into the image (entries outside every patch get 0)
+            n, channels, height, width = ctx.image_shape
+            (kh, kw), (rows, cols) = kernel, grid
+            grad_x = flat_grad_x.new_zeros(ctx.image_shape)
+            grad_x[:, :, :rows * kh, :cols * kw] = flat_grad_x.view(n, rows, cols, channels, kh, kw) \
+                .permute(0, 3, 1, 4, 2, 5).reshape(n, channels, rows * kh, cols * kw)
+        grads = (grad_x, None, grad_delta)
+        return (*(None if g is None else g.to(t) for g, t in zip(grads, ctx.input_dtypes)), None, None)
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, indices: torch.Tensor,
@@ -162,3 +218,11 @@ def linear_sparse(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``F.linear(x, weight, bias)`` plus, for every output o, ``sum_j x[..., indices[o, j]] * delta[o, j]``
     (indices and delta ``[out, k]``)."""
     return _LinearSparse.apply(x, weight, bias, indices, delta)
+
+
+def patch_sparse(x: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor, kernel: tuple[int, int],
+                 grid: tuple[int, int]) -> torch.Tensor:
+    """The sparse update of a convolution with stride = kernel, applied to image ``x`` ``[N, C, H, W]``:
+    ``[N, out, rows, cols]``, each output position the sparse linear map of its patch (indices and delta
+    ``[out, k]`` over the patch flattened as ``[C, kh, kw]``)."""
+    return _PatchSparse.apply(x, indices, delta, tuple(kernel), tuple(grid))

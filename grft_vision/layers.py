@@ -315,7 +315,7 @@ class GRFTLayer(nn.Module):
 
     def _forward_with(self, update: Update, x: torch.Tensor) -> torch.Tensor:
         """The base output plus ``update``'s contribution (bias delta included)."""
-        if not (self._plain and update.channel_form):  # the base's own forward with the materialised weight
+        if not self._has_channel_form(update):  # the base's own forward with the materialised weight
             weight = self.base_layer.weight
             tensors = {"weight": weight + update.delta_weight().to(weight.dtype)}
             if update.bias_delta is not None:
@@ -340,7 +340,7 @@ class GRFTLayer(nn.Module):
             if update is None:
                 continue
             inputs = x.index_select(0, rows)
-            if self._plain and update.channel_form:
+            if self._has_channel_form(update):
                 part = y.index_select(0, rows)
                 part = update.add_bias_to(part) if update.bias_delta is not None else part
                 part = update.add_to(part, inputs, self._conv) if update.delta.numel() else part
@@ -354,6 +354,10 @@ class GRFTLayer(nn.Module):
             raise AdapterError("a batch of mixed adapters needs every adapter unmerged and without frozen entries; "
                                "call grft_vision.unmerge_adapter(model) first.")
         return self.grft_updates[name] if name is not None and name in self.grft_updates else None
+
+    def _has_channel_form(self, update: Update) -> bool:
+        """The update's contribution can be added to the base output without building the dense weight."""
+        return self._plain and update.channel_form
 
     def _base_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -393,12 +397,27 @@ class GRFTConv2d(GRFTLayer):
     """GRFT wrapper of an ``nn.Conv2d`` (weight ``[out, in/g, kh, kw]``, any ``groups`` g, depthwise included).
 
     Input ``[N, in, H, W]``, output ``[N, out, H', W']``. Row and column updates run as extra small
-    convolutions over the chosen channels only. The sparse structure has no channel form and, like
-    convolution subclasses with their own forward (e.g. timm's ``StdConv2d``), runs the base layer with
-    the materialised effective weight.
+    convolutions over the chosen channels only. A sparse update of a patchifying convolution (stride equal to
+    the kernel, no padding, dilation or groups: a ViT's patch embedding) runs as a sparse linear map over the
+    non-overlapping patches, which cost one copy of the input to lay out; any other sparse convolution would
+    need the unfolded input (``kh * kw`` times the input), more than the dense weight it avoids, so it runs,
+    like convolution subclasses with their own forward (e.g. timm's ``StdConv2d``), the base layer with the
+    materialised effective weight.
     """
 
     _plain_types = _PLAIN_CONV_TYPES
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        base = base_layer
+        self._patchify = (type(base) is nn.Conv2d or _own_class(base) is nn.Conv2d) and base.groups == 1 \
+            and tuple(base.stride) == tuple(base.kernel_size) and tuple(base.padding) == (0, 0) \
+            and tuple(base.dilation) == (1, 1)
+
+    def _has_channel_form(self, update: Update) -> bool:
+        if update.structure == "sparse":
+            return self._plain and self._patchify
+        return self._plain and update.channel_form
 
     def _base_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         base = self.base_layer

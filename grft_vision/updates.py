@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dtypes import Float32Masters, adapter_dtype
-from .fused import linear_columns, linear_rows, linear_sparse
+from .fused import linear_columns, linear_rows, linear_sparse, patch_sparse
 
 __all__ = ["Update", "RowUpdate", "ColumnUpdate", "SparseUpdate", "TapColumnUpdate", "create_update", "STRUCTURES"]
 
@@ -276,14 +276,15 @@ class ColumnUpdate(Update):
 
 class SparseUpdate(Update):
     """k entries of every row of the ``[out, in/g*kh*kw]`` view (GPS). Linear layers gather the chosen inputs
-    per output; convolutions have no channel form and run with the materialised weight."""
+    per output; a patchifying convolution (stride = kernel) is the same over its non-overlapping patches; other
+    convolutions have no channel form and run with the materialised weight (see :class:`~grft_vision.layers.GRFTConv2d`)."""
 
     structure = "sparse"
     linear_function = staticmethod(linear_sparse)
 
     @property
     def channel_form(self) -> bool:  # type: ignore[override]
-        return not self.is_conv
+        return not self.is_conv  # convolutions: only patchifying ones, which the layer recognises
 
     @classmethod
     def shape_for(cls, weight_shape: tuple[int, ...], count: int, groups: int = 1) -> tuple[int, ...]:
@@ -297,6 +298,9 @@ class SparseUpdate(Update):
         return dense.reshape(dense.shape[0], -1).gather(1, self.indices)
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, conv: ConvFn | None = None) -> torch.Tensor:
+        if self.is_conv:  # a patchifying convolution: a sparse linear map of each non-overlapping patch
+            update = patch_sparse(x, self.indices, self.delta, self.weight_shape[2:], y.shape[2:])
+            return y.add_(update.to(y.dtype))
         # x[..., indices] is [..., out, k]; each output sums its own k chosen inputs (autograd keeps it: the
         # training forward uses linear_forward, which does not)
         return y.add_(torch.einsum("...ok,ok->...o", x[..., self.indices], self.delta.to(x.dtype)).to(y.dtype))
