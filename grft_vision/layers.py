@@ -410,9 +410,9 @@ class GRFTConv2d(GRFTLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         base = base_layer
-        self._patchify = (type(base) is nn.Conv2d or _own_class(base) is nn.Conv2d) and base.groups == 1 \
-            and tuple(base.stride) == tuple(base.kernel_size) and tuple(base.padding) == (0, 0) \
-            and tuple(base.dilation) == (1, 1)
+        unpadded = tuple(base.padding) == (0, 0) and tuple(base.dilation) == (1, 1) and _own_class(base) is nn.Conv2d
+        self._patchify = unpadded and base.groups == 1 and tuple(base.stride) == tuple(base.kernel_size)
+        self._subsampling = unpadded and tuple(base.kernel_size) == (1, 1) and tuple(base.stride) != (1, 1)
 
     def _has_channel_form(self, update: Update) -> bool:
         if update.structure == "sparse":
@@ -429,14 +429,21 @@ class GRFTConv2d(GRFTLayer):
         return update.add_to(self._base_forward(x, bias), x, self._conv)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
-        """A bias-free convolution with the base layer's stride, padding (mode) and dilation."""
+        """A bias-free convolution with the base layer's stride, padding (mode) and dilation.
+
+        A strided 1x1 convolution without padding (ResNet's downsample) reads every stride-th pixel: it runs
+        as the 1x1 convolution of the subsampled input, the same values, because inductor (torch 2.14, CPU)
+        compiles the backward of ``conv2d(x.index_select(1, idx), w, stride=2)`` to a wrong weight gradient.
+        """
         base = self.base_layer
-        padding = base.padding
+        padding, stride = base.padding, base.stride
         if isinstance(base, Conv2dSame):
             x, padding = pad_same(x, weight.shape[-2:], base.stride, base.dilation), 0
         elif base.padding_mode != "zeros":
             x, padding = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode), 0
-        return F.conv2d(x, weight, None, base.stride, padding, base.dilation, groups)
+        elif self._subsampling:
+            x, stride = x[:, :, ::stride[0], ::stride[1]], 1
+        return F.conv2d(x, weight, None, stride, padding, base.dilation, groups)
 
 
 def wrap_layer(layer: nn.Module) -> GRFTLayer:

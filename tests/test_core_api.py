@@ -329,14 +329,3 @@ def test_merged_model_is_plain_and_has_the_same_flops():
             model(images())
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1]
-
-
-def test_torch_compile_matches_eager():
-    model = make_model("sequential")
-    apply_grft(model, random_scores(model), GRFTConfig(structure="column", k=2))
-    with torch.no_grad():
-        for _, layer in grft_layers(model):
-            layer.delta.normal_()
-    x = images()
-    compiled = torch.compile(model, backend="eager")
-    torch.testing.assert_close(compiled(x), model(x))
