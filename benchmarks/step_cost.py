@@ -41,7 +41,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import timm
 import torch
@@ -53,7 +53,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from grft_vision import GRFTConfig, GRFTLayer, apply_grft, is_grft_model, merge_grft, save_adapter
 from grft_vision import trainable_parameters_report
 
-__all__ = ["METHODS", "DESCRIPTIONS", "measure", "check_targets", "to_markdown", "run", "main"]
+__all__ = ["METHODS", "DESCRIPTIONS", "Setup", "SavedTensorBytes", "train_step", "instrumented_step", "profile_step",
+           "time_interleaved", "add_ratios", "measure", "check_targets", "to_markdown", "run", "main"]
 
 METHODS = ("full", "gps-dense", "grft-row", "grft-col", "grft-sparse", "lora", "head", "floor")
 GRFT_STRUCTURES = {"grft-row": "row", "grft-col": "column", "grft-sparse": "sparse"}
@@ -448,6 +449,66 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
     return value / reference
 
 
+def time_interleaved(setups: dict[str, Setup], images: torch.Tensor, labels: torch.Tensor, *, warmup: int,
+                     repeats: int, timer: str = "wall", progress: bool = False) -> dict[str, dict[str, Any]]:
+    """Time one training step of every method, the methods interleaved round by round.
+
+    ``warmup`` untimed rounds, then ``repeats`` timed ones; in each round every method does one step, the
+    starting method rotating so that drift of the machine spreads over all methods. Returns, per method
+    (in ``setups`` order), the medians in seconds: ``step_time_s`` (in the ``timer``'s unit: wall-clock or
+    process CPU seconds), ``wall_time_s``, ``cpu_time_s``, ``step_time_min_s``, the ``forward`` /
+    ``backward`` / ``update`` phases (wall), ``cpu_per_wall``, and every timed step (``step_times_s``).
+    """
+    order = list(setups)
+    times: dict[str, list[dict[str, float]]] = {name: [] for name in order}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(order)
+        for name in order[shift:] + order[:shift]:
+            phases = train_step(setups[name], images, labels)
+            if round_index >= warmup:
+                times[name].append(phases)
+        _log(progress, f"timing round {round_index + 1}/{warmup + repeats}"
+                       f"{' (warm-up)' if round_index < warmup else ''}")
+    figures: dict[str, dict[str, Any]] = {}
+    for name in order:
+        steps = [t["cpu" if timer == "cpu" else "step"] for t in times[name]]
+        row = figures[name] = {"timer": timer}
+        row["wall_time_s"] = statistics.median(t["step"] for t in times[name]) if steps else None
+        row["cpu_time_s"] = statistics.median(t["cpu"] for t in times[name]) if steps else None
+        row["step_times_s"] = steps
+        row["step_time_s"] = statistics.median(steps) if steps else None
+        row["step_time_min_s"] = min(steps) if steps else None
+        for phase in ("forward", "backward", "update"):
+            values = [t[phase] for t in times[name]]
+            row[f"{phase}_time_s"] = statistics.median(values) if values else None
+        # process CPU seconds per wall second: about the thread count when the cores are not shared
+        row["cpu_per_wall"] = statistics.median(t["cpu"] / t["step"] for t in times[name]) if times[name] else None
+    return figures
+
+
+RATIO_FIGURES = {"flops": "flops", "saved": "saved_bytes", "time": "step_time_s"}
+
+
+def add_ratios(rows: dict[str, dict[str, Any]], references: Sequence[str] = ("floor", "full"),
+               figures: Mapping[str, str] = RATIO_FIGURES) -> None:
+    """Add ``<figure>_vs_<reference>`` ratios to every row, for each reference method present in ``rows``.
+
+    ``figures`` maps the ratio's name to the row key it divides (default: FLOPs, saved bytes, step time).
+    A step-time ratio also comes as ``time_vs_<reference>_paired``: the ratio taken round by round (both
+    steps from the same round), then the median.
+    """
+    for ref_name in references:
+        ref = rows.get(ref_name)
+        if ref is None:
+            continue
+        for row in rows.values():
+            for label, key in figures.items():
+                row[f"{label}_vs_{ref_name}"] = _ratio(row.get(key), ref.get(key))
+            if "time" in figures:
+                paired = [a / b for a, b in zip(row["step_times_s"], ref["step_times_s"]) if b > 0]
+                row[f"time_vs_{ref_name}_paired"] = statistics.median(paired) if paired else None
+
+
 def measure(
     model_name: str = "vit_base_patch16_224",
     *,
@@ -537,31 +598,9 @@ def _measure(model_name: str, *, num_classes: int, img_size: int, batch_size: in
             "notes": list(setup.notes),
         }
 
-    # timing: interleaved rounds, the first `warmup` rounds discarded
-    order = list(methods)
-    times: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
-    for round_index in range(warmup + repeats):
-        shift = round_index % len(order)
-        for name in order[shift:] + order[:shift]:
-            phases = train_step(setups[name], images, labels)
-            if round_index >= warmup:
-                times[name].append(phases)
-        _log(progress, f"timing round {round_index + 1}/{warmup + repeats}"
-                       f"{' (warm-up)' if round_index < warmup else ''}")
-    for name in methods:
-        steps = [t["cpu" if timer == "cpu" else "step"] for t in times[name]]
-        rows[name]["timer"] = timer
-        rows[name]["wall_time_s"] = statistics.median(t["step"] for t in times[name]) if steps else None
-        rows[name]["cpu_time_s"] = statistics.median(t["cpu"] for t in times[name]) if steps else None
-        rows[name]["step_times_s"] = steps
-        rows[name]["step_time_s"] = statistics.median(steps) if steps else None
-        rows[name]["step_time_min_s"] = min(steps) if steps else None
-        for phase in ("forward", "backward", "update"):
-            values = [t[phase] for t in times[name]]
-            rows[name][f"{phase}_time_s"] = statistics.median(values) if values else None
-        # process CPU seconds per wall second: about the thread count when the cores are not shared
-        rows[name]["cpu_per_wall"] = (statistics.median(t["cpu"] / t["step"] for t in times[name])
-                                      if times[name] else None)
+    timing = time_interleaved(setups, images, labels, warmup=warmup, repeats=repeats, timer=timer, progress=progress)
+    for name, figures in timing.items():
+        rows[name].update(figures)
     if profile:
         for name in methods:
             _log(progress, f"profile {name}")
@@ -592,17 +631,7 @@ def _measure(model_name: str, *, num_classes: int, img_size: int, batch_size: in
         setups[name].optimizer = None
     del setups
 
-    floor, full = rows.get("floor"), rows.get("full")
-    for row in rows.values():
-        for ref_name, ref in (("floor", floor), ("full", full)):
-            if ref is None:
-                continue
-            row[f"flops_vs_{ref_name}"] = _ratio(row["flops"], ref["flops"])
-            row[f"saved_vs_{ref_name}"] = _ratio(row["saved_bytes"], ref["saved_bytes"])
-            row[f"time_vs_{ref_name}"] = _ratio(row["step_time_s"], ref["step_time_s"])
-            # the same ratio taken round by round (both steps from the same round), then the median
-            paired = [a / b for a, b in zip(row["step_times_s"], ref["step_times_s"]) if b > 0]
-            row[f"time_vs_{ref_name}_paired"] = statistics.median(paired) if paired else None
+    add_ratios(rows)
     return [rows[name] for name in methods]
 
 
@@ -680,6 +709,43 @@ def _fmt_ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def step_detail_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The step-detail table (wall / CPU time, phases, profile split) as markdown lines; none without timings."""
+    if all(row.get("forward_time_s") is None for row in rows):
+        return []
+    profiled = any("profile_s" in row for row in rows)
+    categories = [cat for cat, _ in _PROFILE_CATEGORIES] + ["other"]
+    header = ["method", "wall step s", "CPU step s", "CPU s / wall s", "min step s", "forward s", "backward s",
+              "update s"]
+    if profiled:
+        header += [f"prof. {cat} s" for cat in categories]
+    lines = ["", "Step detail (medians; min step in the timer's unit; phases in wall-clock seconds, "
+             "update = GPS masking + Adam step + zero_grad)"
+             + (" and one profiled step's self time by operator category" if profiled else ""), "",
+             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for row in rows:
+        cells = [row["method"], _fmt(row.get("wall_time_s"), 3), _fmt(row.get("cpu_time_s"), 3),
+                 _fmt(row.get("cpu_per_wall"), 2), _fmt(row.get("step_time_min_s"), 3),
+                 _fmt(row.get("forward_time_s"), 3), _fmt(row.get("backward_time_s"), 3),
+                 _fmt(row.get("update_time_s"), 3)]
+        if profiled:
+            profile = row.get("profile_s") or {}
+            cells += [_fmt(profile.get(cat), 3) for cat in categories]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def targets_markdown(checks: list[dict[str, Any]]) -> list[str]:
+    """The target checks (target, measured value, limit, pass/fail) as markdown lines."""
+    lines = ["", "| target | measured | limit | result |", "|---|---:|---|---|"]
+    for check in checks:
+        value = check["value"]
+        shown = f"{value:.4f}" if isinstance(value, float) else f"{value:,}"
+        result = {True: "pass", False: "**FAIL**", None: "–"}[check["passed"]]
+        lines.append(f"| {check['target']} | {shown} | {check['limit']} | {result} |")
+    return lines
+
+
 def to_markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]] | None = None,
                 meta: dict[str, Any] | None = None) -> str:
     """The figures as a markdown table, then the target checks."""
@@ -712,33 +778,9 @@ def to_markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]] | None 
         if cuda:
             cells.append(_fmt(row.get("peak_memory_bytes"), 0, MB))
         lines.append("| " + " | ".join(cells) + " |")
-    if any(row.get("forward_time_s") is not None for row in rows):
-        profiled = any("profile_s" in row for row in rows)
-        categories = [cat for cat, _ in _PROFILE_CATEGORIES] + ["other"]
-        header = ["method", "wall step s", "CPU step s", "CPU s / wall s", "min step s", "forward s", "backward s",
-                  "update s"]
-        if profiled:
-            header += [f"prof. {cat} s" for cat in categories]
-        lines += ["", "Step detail (medians; min step in the timer's unit; phases in wall-clock seconds, "
-                  "update = GPS masking + Adam step + zero_grad)"
-                  + (" and one profiled step's self time by operator category" if profiled else ""), "",
-                  "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        for row in rows:
-            cells = [row["method"], _fmt(row.get("wall_time_s"), 3), _fmt(row.get("cpu_time_s"), 3),
-                     _fmt(row.get("cpu_per_wall"), 2), _fmt(row.get("step_time_min_s"), 3),
-                     _fmt(row.get("forward_time_s"), 3), _fmt(row.get("backward_time_s"), 3),
-                     _fmt(row.get("update_time_s"), 3)]
-            if profiled:
-                profile = row.get("profile_s") or {}
-                cells += [_fmt(profile.get(cat), 3) for cat in categories]
-            lines.append("| " + " | ".join(cells) + " |")
+    lines += step_detail_markdown(rows)
     if checks:
-        lines += ["", "| target | measured | limit | result |", "|---|---:|---|---|"]
-        for check in checks:
-            value = check["value"]
-            shown = f"{value:.4f}" if isinstance(value, float) else f"{value:,}"
-            result = {True: "pass", False: "**FAIL**", None: "–"}[check["passed"]]
-            lines.append(f"| {check['target']} | {shown} | {check['limit']} | {result} |")
+        lines += targets_markdown(checks)
     return "\n".join(lines) + "\n"
 
 

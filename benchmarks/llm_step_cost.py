@@ -1,0 +1,628 @@
+"""Cost of one training step of a Llama-architecture language model, every fine-tuning method side by side.
+
+The language-model counterpart of ``step_cost.py`` (whose measurement pieces it uses: FLOP counter,
+saved-for-backward bytes, gradient / optimizer bytes, interleaved timing, markdown). A model is built from a
+``transformers.LlamaConfig`` with random weights (no download; weights do not change the cost) and trained
+on one random batch of token ids.
+
+============  =======================================================================================
+full          full fine-tuning, Adam over every parameter (embeddings, tied LM head and norms included)
+lora          Hugging Face PEFT LoRA, r=8, alpha=r, on q/k/v/o/gate/up/down of every decoder layer
+grft-row      grft_vision ``structure='row'`` on the same linears, k chosen to match LoRA's trainable count
+grft-col      the same with ``structure='column'``
+grft-sparse   the same with ``structure='sparse'`` (k entries per row)
+floor         every parameter frozen, backward of the loss to the input embeddings (no weight gradient)
+============  =======================================================================================
+
+Figures per method: trainable parameters, FLOPs of forward + backward, bytes saved for backward, gradient
+and optimizer-state bytes, the **peak memory of the method in its own process** (a fresh Python process per
+method: peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA, over ``--peak-steps`` training steps
+after the setup), and the step time (median, methods interleaved in one process); every figure also as
+ratios to ``floor``, ``full`` and ``lora`` from the same run.
+
+Run as a script (CPU default: about 110 M parameters, hidden 768, 12 layers, batch 4 x 256 tokens)::
+
+    python benchmarks/llm_step_cost.py --threads 1 --timer cpu --out llm_step_cost.json --markdown llm_step_cost.md
+    python benchmarks/llm_step_cost.py --preset llama-3.2-1b --device cuda --dtype bfloat16 --batch-size 8 --seq-len 512
+
+or call :func:`measure`, :func:`check_targets` and :func:`to_markdown` from Python. Needs
+``pip install -e ".[bench,llm]"``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from llm_memory import LLAMA_3_2_1B, LlamaShape  # noqa: E402
+from step_cost import (ADAM_BYTES_PER_PARAM, MB, Setup, _device_name, _fmt, _fmt_ratio, add_ratios,  # noqa: E402
+                       instrumented_step, profile_step, step_detail_markdown, targets_markdown, time_interleaved,
+                       train_step)
+
+from grft_vision import GRFTConfig, apply_grft, trainable_parameters_report  # noqa: E402
+
+__all__ = ["METHODS", "PRESETS", "LORA_TARGETS", "Workload", "build_model", "make_batch", "adapted_linears",
+           "matching_k", "measure", "peak_memory_of", "check_targets", "to_markdown", "run", "main"]
+
+METHODS = ("full", "lora", "grft-row", "grft-col", "grft-sparse", "floor")
+GRFT_STRUCTURES = {"grft-row": "row", "grft-col": "column", "grft-sparse": "sparse"}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DESCRIPTIONS = {
+    "full": "full fine-tuning, Adam over every parameter",
+    "lora": "PEFT LoRA r=8 on q/k/v/o/gate/up/down of every decoder layer",
+    "grft-row": "grft_vision structure='row' on the same linears, k rows matching LoRA's count",
+    "grft-col": "grft_vision structure='column' on the same linears, k columns matching LoRA's count",
+    "grft-sparse": "grft_vision structure='sparse' on the same linears, k entries per row matching LoRA's count",
+    "floor": "all frozen, backward of the loss to the input embeddings (no weight gradients)",
+}
+PRESETS = {
+    # the CPU default: about 110 M parameters with tied embeddings
+    "cpu-100m": LlamaShape(hidden=768, layers=12, heads=12, kv_heads=12, head_dim=64, intermediate=2048, vocab=32000),
+    "llama-3.2-1b": LLAMA_3_2_1B,
+    # for tests and the CPU check of gpu_suite.sh
+    "tiny": LlamaShape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=512),
+}
+TASKS = ("causal-lm", "classify")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------- workload
+@dataclass(frozen=True)
+class Workload:
+    """One model and one batch: what every method trains on (and what a child process rebuilds)."""
+
+    shape: LlamaShape
+    batch_size: int = 4
+    seq_len: int = 256
+    task: str = "causal-lm"  # next-token loss over every position, or a sequence classifier ("classify")
+    num_classes: int = 2  # classify only
+    dtype: str = "float32"  # every tensor of the model; LoRA's and GRFT's trained tensors stay fp32
+    device: str = "cpu"
+    lora_rank: int = 8
+    lr: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} must be one of {', '.join(TASKS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Workload":
+        """The inverse of ``dataclasses.asdict``."""
+        return cls(**{**values, "shape": LlamaShape(**values["shape"])})
+
+
+class TokenLoss(nn.Module):
+    """A Llama model whose output is what ``F.cross_entropy`` takes with the batch's labels.
+
+    ``forward(input_ids [N, T] int64)`` returns fp32 logits: ``[N*T, vocab]`` for ``causal-lm`` (the labels
+    are the next tokens, ``-100`` at each sequence's last position, as transformers' own loss shifts them),
+    ``[N, classes]`` for ``classify`` (the last token's, as ``LlamaForSequenceClassification`` pools).
+    """
+
+    def __init__(self, model: nn.Module, task: str) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=input_ids, use_cache=False).logits.float()
+        return logits.view(-1, logits.shape[-1]) if self.task == "causal-lm" else logits
+
+
+def build_model(workload: Workload) -> nn.Module:
+    """The randomly initialised Llama (``LlamaForCausalLM``, tied embeddings, or ``...ForSequenceClassification``)
+    in ``workload.dtype`` on its device, in train mode; seeded, so every process builds the same weights."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(workload.seed)
+    config = workload.shape.llama_config(
+        tie_word_embeddings=True, use_cache=False, attn_implementation="sdpa", pad_token_id=0,
+        num_labels=workload.num_classes, max_position_embeddings=max(2048, workload.seq_len))
+    factory = AutoModelForCausalLM if workload.task == "causal-lm" else AutoModelForSequenceClassification
+    with torch.device(workload.device):
+        model = factory.from_config(config, dtype=DTYPES[workload.dtype])
+    return model.to(workload.device).train()
+
+
+def make_batch(workload: Workload) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids ``[N, T]`` (never the pad id 0) and their labels: ``[N*T]`` next tokens for
+    ``causal-lm``, ``[N]`` classes for ``classify``."""
+    generator = torch.Generator().manual_seed(workload.seed + 1)
+    ids = torch.randint(1, workload.shape.vocab, (workload.batch_size, workload.seq_len), generator=generator)
+    if workload.task == "causal-lm":
+        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).reshape(-1)
+    else:
+        labels = torch.randint(0, workload.num_classes, (workload.batch_size,), generator=generator)
+    return ids.to(workload.device), labels.to(workload.device)
+
+
+def adapted_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The linears LoRA and GRFT adapt: q/k/v/o/gate/up/down of every decoder layer, by module name."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and ".layers." in f".{name}" and name.rsplit(".", 1)[-1] in LORA_TARGETS}
+
+
+def lora_adapter_count(layers: dict[str, nn.Linear], rank: int) -> int:
+    """LoRA's trainable parameters in ``layers``: ``rank * (in + out)`` per layer (A and B)."""
+    return sum(rank * (layer.in_features + layer.out_features) for layer in layers.values())
+
+
+def matching_k(layers: dict[str, nn.Linear], structure: str, target: int) -> int:
+    """The k whose GRFT updates in ``layers`` hold the count nearest ``target``.
+
+    One row of a layer holds ``in`` parameters, one column ``out``, one entry per row ``out``; k is at least 1
+    and at most the smallest dimension it selects from.
+    """
+    per_unit = sum(layer.in_features if structure == "row" else layer.out_features for layer in layers.values())
+    max_k = min(layer.out_features if structure == "row" else layer.in_features for layer in layers.values())
+    exact = target / per_unit
+    candidates = {min(max_k, max(1, k)) for k in (math.floor(exact), math.ceil(exact))}
+    return min(sorted(candidates), key=lambda k: abs(k * per_unit - target))
+
+
+# --------------------------------------------------------------------------------------------- methods
+def _adam(model: nn.Module, lr: float) -> torch.optim.Adam:
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def _setup_full(model: nn.Module, workload: Workload, ks: dict[str, int]) -> Setup:
+    model.requires_grad_(True)
+    return Setup("full", TokenLoss(model, workload.task), _adam(model, workload.lr),
+                 sum(p.numel() for p in model.parameters()))
+
+
+def _setup_lora(model: nn.Module, workload: Workload, ks: dict[str, int]) -> Setup:
+    from peft import LoraConfig, get_peft_model
+
+    targets = sorted(adapted_linears(model))
+    heads = ["score"] if workload.task == "classify" else None
+    config = LoraConfig(r=workload.lora_rank, lora_alpha=workload.lora_rank, lora_dropout=0.0, bias="none",
+                        target_modules=targets, modules_to_save=heads)
+    model = get_peft_model(model, config)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Setup("lora", TokenLoss(model, workload.task), _adam(model, workload.lr), count,
+                 notes=[f"LoRA on {len(targets)} linears"])
+
+
+def _setup_grft(name: str) -> Callable[[nn.Module, Workload, dict[str, int]], Setup]:
+    def setup(model: nn.Module, workload: Workload, ks: dict[str, int]) -> Setup:
+        layers = adapted_linears(model)
+        generator = torch.Generator(device=workload.device).manual_seed(workload.seed)
+        scores = {f"{layer_name}.weight": torch.rand(layer.weight.shape, generator=generator, device=workload.device)
+                  for layer_name, layer in layers.items()}
+        config = GRFTConfig(structure=GRFT_STRUCTURES[name], k=ks[name], target_modules=sorted(layers))
+        model = apply_grft(model, scores, config)
+        del scores
+        return Setup(name, TokenLoss(model, workload.task), _adam(model, workload.lr),
+                     trainable_parameters_report(model).trainable, notes=[f"k={ks[name]}"])
+
+    return setup
+
+
+def _setup_floor(model: nn.Module, workload: Workload, ks: dict[str, int]) -> Setup:
+    model.requires_grad_(False)
+    model.enable_input_require_grads()  # the embedding output requires grad: backward runs down to it
+    return Setup("floor", TokenLoss(model, workload.task), None, 0)
+
+
+SETUPS = {"full": _setup_full, "lora": _setup_lora, "grft-row": _setup_grft("grft-row"),
+          "grft-col": _setup_grft("grft-col"), "grft-sparse": _setup_grft("grft-sparse"), "floor": _setup_floor}
+
+
+# --------------------------------------------------------------------------------------------- peak memory
+def _proc_status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Return freed heap to the OS (glibc ``malloc_trim``), then reset the RSS high-water mark
+    (``VmHWM``, by writing 5 to ``/proc/self/clear_refs``); False where the kernel does not allow it."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return _proc_status_bytes("VmHWM") is not None
+
+
+def _peak_rss_bytes() -> int:
+    peak = _proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _import_libraries(method: str) -> None:
+    """Import what building and training ``method`` loads, so that a process's baseline already holds it."""
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    import grft_vision.model  # noqa: F401
+
+    if method == "lora":
+        import peft.tuners.lora  # noqa: F401
+
+
+def peak_memory_of(method: str, workload: Workload, ks: dict[str, int], steps: int = 2,
+                   threads: int | None = None) -> dict[str, Any]:
+    """Build ``method`` alone and train ``steps`` steps; the peak memory of those steps (call it in a fresh process).
+
+    ``peak_memory_bytes`` counts the weights, the method's trainable state, activations and temporaries, and
+    nothing of the setup's temporaries (GRFT's scores, the random initialisation):
+
+    - CUDA: ``torch.cuda.max_memory_allocated``, reset after the setup;
+    - CPU: the peak RSS of the steps (``VmHWM``, reset after the setup with freed heap returned to the OS
+      first) minus the process's RSS before the model was built (``process_baseline_bytes``: the interpreter
+      and the libraries ``method`` needs, imported first). Where the kernel does not let ``VmHWM`` be reset,
+      the peak of the whole process (``ru_maxrss``) is used, and ``peak_memory_kind`` says so.
+
+    Returns:
+        ``peak_memory_bytes``, ``memory_before_steps_bytes`` (model and method set up, on the same scale),
+        ``process_baseline_bytes`` and ``peak_rss_bytes`` (CPU; 0 and None on CUDA), ``peak_memory_kind``,
+        ``peak_steps`` and the process's ``pid``.
+    """
+    if steps < 2:
+        raise ValueError(f"steps={steps}: at least 2, so that Adam's moments exist during a backward")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    _import_libraries(method)
+    device = torch.device(workload.device)
+    cuda = device.type == "cuda"
+    baseline = 0 if cuda else _proc_status_bytes("VmRSS") or 0
+    setup = SETUPS[method](build_model(workload), workload, ks)
+    input_ids, labels = make_batch(workload)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        kind = "torch.cuda.max_memory_allocated"
+    else:
+        kind = ("peak RSS of the steps above the process baseline" if _reset_peak_rss()
+                else "peak RSS of the whole process (ru_maxrss) above the process baseline")
+        before = (_proc_status_bytes("VmRSS") or 0) - baseline
+    for _ in range(steps):
+        train_step(setup, input_ids, labels)
+    rss = None if cuda else _peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated(device) if cuda else rss - baseline
+    return {"peak_memory_bytes": int(peak), "memory_before_steps_bytes": int(before),
+            "process_baseline_bytes": int(baseline), "peak_rss_bytes": rss, "peak_memory_kind": kind,
+            "peak_steps": steps, "pid": os.getpid()}
+
+
+def _peak_memory_in_subprocess(method: str, workload: Workload, ks: dict[str, int], steps: int,
+                               threads: int | None) -> dict[str, Any]:
+    payload = json.dumps({"method": method, "workload": dataclasses.asdict(workload), "ks": ks, "steps": steps,
+                          "threads": threads})
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--peak-memory-child", payload],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the peak-memory process of {method} failed (exit {done.returncode}):\n"
+                           f"{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _child_main(payload: str) -> int:
+    values = json.loads(payload)
+    workload = Workload.from_dict(values["workload"])
+    figures = peak_memory_of(values["method"], workload, values["ks"], values["steps"], values["threads"])
+    print(json.dumps(figures))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- measure
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(f"[llm_step_cost {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _trainable_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def measure(workload: Workload, methods: Sequence[str] = METHODS, *, repeats: int = 5, warmup: int = 2,
+            timer: str = "wall", threads: int | None = None, peak_steps: int = 2, profile: bool = False,
+            progress: bool = False) -> list[dict[str, Any]]:
+    """Measure every method on ``workload``; one dict of figures per method, in ``methods`` order.
+
+    First each method's peak memory, each in a fresh process (:func:`peak_memory_of`, ``peak_steps``
+    steps; 0 skips it). Then, in this process, every method from a deep copy of the same model: its first
+    step instrumented (FLOPs, saved-for-backward bytes, gradient and optimizer bytes, as in
+    ``step_cost.instrumented_step``), then ``warmup`` + ``repeats`` interleaved timing rounds
+    (``step_cost.time_interleaved``; ``timer`` 'wall' or 'cpu'). Ratios to ``floor``, ``full`` and ``lora``
+    are added for the methods in the run. GRFT's k per structure is the one nearest LoRA's adapter count.
+    """
+    unknown = [m for m in methods if m not in SETUPS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if timer not in ("wall", "cpu"):
+        raise ValueError(f"timer={timer!r} must be 'wall' or 'cpu'")
+    if peak_steps == 1 or peak_steps < 0:
+        raise ValueError(f"peak_steps={peak_steps} must be 0 (skip) or at least 2 (Adam's moments exist from step 2)")
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(workload, methods, repeats=repeats, warmup=warmup, timer=timer, threads=threads,
+                        peak_steps=peak_steps, profile=profile, progress=progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _measure(workload: Workload, methods: Sequence[str], *, repeats: int, warmup: int, timer: str,
+             threads: int | None, peak_steps: int, profile: bool, progress: bool) -> list[dict[str, Any]]:
+    base = build_model(workload)
+    input_ids, labels = make_batch(workload)
+    layers = adapted_linears(base)
+    lora_count = lora_adapter_count(layers, workload.lora_rank)
+    ks = {name: matching_k(layers, structure, lora_count) for name, structure in GRFT_STRUCTURES.items()}
+    total = sum(p.numel() for p in base.parameters())
+
+    peaks: dict[str, dict[str, Any]] = {}
+    if peak_steps:
+        del base  # not resident while the methods' own processes run
+        if torch.device(workload.device).type == "cuda":
+            torch.cuda.empty_cache()
+        for name in methods:
+            _log(progress, f"peak memory of {name} in its own process")
+            peaks[name] = _peak_memory_in_subprocess(name, workload, ks, peak_steps, threads)
+        base = build_model(workload)
+
+    setups: dict[str, Setup] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for name in methods:
+        _log(progress, f"set up and instrumented step: {name}")
+        setup = SETUPS[name](copy.deepcopy(base), workload, ks)
+        setups[name] = setup
+        trainable_bytes = _trainable_bytes(setup.model)
+        figures = instrumented_step(setup, input_ids, labels)
+        figures.pop("peak_memory_bytes")  # this process holds every method; the peak comes from its own process
+        rows[name] = {
+            "method": name, "description": DESCRIPTIONS[name], "trainable_params": setup.trainable,
+            "requires_grad_params": sum(p.numel() for p in setup.model.parameters() if p.requires_grad),
+            "trainable_tensor_bytes": trainable_bytes, "total_params": total, "k": ks.get(name),
+            "lora_adapter_params": lora_count, "adapted_linears": len(layers), **figures,
+            **peaks.get(name, {"peak_memory_bytes": None}), "notes": list(setup.notes),
+        }
+    del base
+    for name, figures in time_interleaved(setups, input_ids, labels, warmup=warmup, repeats=repeats, timer=timer,
+                                          progress=progress).items():
+        rows[name].update(figures)
+    if profile:
+        for name in methods:
+            _log(progress, f"profile {name}")
+            rows[name]["profile_s"] = profile_step(setups[name], input_ids, labels)
+    del setups
+    add_ratios(rows, ("floor", "full", "lora"),
+               {"flops": "flops", "saved": "saved_bytes", "time": "step_time_s", "peak": "peak_memory_bytes"})
+    return [rows[name] for name in methods]
+
+
+# --------------------------------------------------------------------------------------------- targets
+def _check(target: str, value: Any, limit: str, passed: bool | None) -> dict[str, Any]:
+    return {"target": target, "value": value, "limit": limit, "passed": passed}
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The byte identities and the issue's LLM targets, each with the measured value and pass/fail.
+
+    Targets whose methods (or peak memory) were not measured are left out.
+    """
+    by = {row["method"]: row for row in rows}
+    checks = []
+    for name, row in by.items():
+        if name == "floor":
+            continue
+        value = row["grad_bytes"] + row["optimizer_state_bytes"] - row["optimizer_step_scalar_bytes"]
+        analytic = 3 * row["trainable_tensor_bytes"]
+        checks.append(_check(f"grad + Adam moments {name} = 3 x its trainable tensors' bytes", value,
+                             f"== {analytic}", value == analytic))
+        if name in GRFT_STRUCTURES:
+            analytic = ADAM_BYTES_PER_PARAM * row["trainable_params"]
+            checks.append(_check(f"grad + Adam moments {name} = 12 B x trainable", value, f"== {analytic}",
+                                 value == analytic))
+    if "grft-col" in by:
+        col = by["grft-col"]
+        for reference, limit in (("lora", 0.85), ("full", 0.40)):
+            ratio = col.get(f"peak_vs_{reference}")
+            if ratio is not None:
+                checks.append(_check(f"peak memory grft-col / {reference}", ratio, f"<= {limit}", ratio <= limit))
+        ratio = col.get("time_vs_lora")
+        if ratio is not None:
+            checks.append(_check("step time grft-col / lora", ratio, "<= 0.90", ratio <= 0.90))
+    return checks
+
+
+# --------------------------------------------------------------------------------------------- output
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+            + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
+def _inverse(value: float | None) -> float | None:
+    return 1 / value if value else None
+
+
+def _meta_lines(meta: dict[str, Any]) -> list[str]:
+    shape = meta["shape"]
+    lines = [f"Llama (hidden {shape['hidden']}, {shape['layers']} layers, {shape['heads']} heads / {shape['kv_heads']} "
+             f"KV heads, intermediate {shape['intermediate']}, vocab {shape['vocab']}, tied embeddings; "
+             f"{meta['total_params']:,} params), {meta['task']}, batch {meta['batch_size']} x {meta['seq_len']} "
+             f"tokens, {meta['dtype']} on {meta['device_name']}, {meta['torch_threads']} torch thread(s); step time = median "
+             f"{'process CPU' if meta['timer'] == 'cpu' else 'wall-clock'} seconds of {meta['repeats']} steps after "
+             f"{meta['warmup']} warm-up rounds; torch {meta['torch']}, transformers {meta['transformers']}, "
+             f"peft {meta['peft']}, {meta['date']}"]
+    if meta.get("peak_memory_kind"):
+        baselines = meta.get("process_baseline_bytes") or []
+        lines.append(f"peak = {meta['peak_memory_kind']}, each method in its own process over {meta['peak_steps']} "
+                     "training steps after its setup" + (
+                         f" (process baselines, the interpreter and libraries before the model: "
+                         f"{min(baselines) / MB:,.0f}-{max(baselines) / MB:,.0f} MB)" if any(baselines) else ""))
+    if meta.get("loadavg_before") is not None:
+        lines.append(f"(1-minute load average {meta['loadavg_before'][0]:.2f} before, "
+                     f"{meta['loadavg_after'][0]:.2f} after the run)")
+    return lines + [""]
+
+
+def to_markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]] | None = None,
+                meta: dict[str, Any] | None = None) -> str:
+    """The figures as markdown: the main table, the step detail, the ratios in the peers' terms, the checks."""
+    lines = _meta_lines(meta) if meta else []
+    header = ["method", "trainable", "k", "GFLOPs fwd+bwd", "× floor", "saved MB", "× floor", "grad MB",
+              "opt state MB", "peak MB", "× full", "× lora", "step s", "× floor", "× full", "× lora"]
+    body = [[row["method"], f"{row['trainable_params']:,}", "–" if row["k"] is None else str(row["k"]),
+             _fmt(row["flops"], 1, 1e9), _fmt_ratio(row.get("flops_vs_floor")), _fmt(row["saved_bytes"], 1, MB),
+             _fmt_ratio(row.get("saved_vs_floor")), _fmt(row["grad_bytes"], 2, MB),
+             _fmt(row["optimizer_state_bytes"], 2, MB), _fmt(row["peak_memory_bytes"], 0, MB),
+             _fmt_ratio(row.get("peak_vs_full")), _fmt_ratio(row.get("peak_vs_lora")), _fmt(row["step_time_s"], 3),
+             _fmt_ratio(row.get("time_vs_floor")), _fmt_ratio(row.get("time_vs_full")),
+             _fmt_ratio(row.get("time_vs_lora"))] for row in rows]
+    lines += _table(header, body)
+    lines += step_detail_markdown(rows)
+    lines += ["", "In the peers' terms (S2FT: full / method; PaCA: method / LoRA):", ""]
+    lines += _table(["method", "full / method, peak memory", "full / method, step time", "method / lora, peak memory",
+                     "method / lora, step time"],
+                    [[row["method"], _fmt_ratio(_inverse(row.get("peak_vs_full"))),
+                      _fmt_ratio(_inverse(row.get("time_vs_full"))), _fmt_ratio(row.get("peak_vs_lora")),
+                      _fmt_ratio(row.get("time_vs_lora"))] for row in rows])
+    if checks:
+        lines += targets_markdown(checks)
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure, check and write the outputs named in ``args``; return the whole report."""
+    import peft
+    import transformers
+
+    workload = workload_from_args(args)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    rows = measure(workload, args.methods, repeats=args.repeats, warmup=args.warmup, timer=args.timer,
+                   threads=args.threads, peak_steps=args.peak_steps, profile=args.profile, progress=not args.quiet)
+    checks = check_targets(rows)
+    measured_peaks = [row for row in rows if row.get("peak_memory_kind")]
+    meta = {
+        "shape": dataclasses.asdict(workload.shape), "task": workload.task, "batch_size": workload.batch_size,
+        "seq_len": workload.seq_len, "num_classes": workload.num_classes, "dtype": workload.dtype,
+        "device": workload.device, "device_name": _device_name(torch.device(workload.device)),
+        "lora_rank": workload.lora_rank, "seed": workload.seed, "total_params": rows[0]["total_params"],
+        "repeats": args.repeats, "warmup": args.warmup, "timer": args.timer,
+        "torch_threads": args.threads or torch.get_num_threads(), "peak_steps": args.peak_steps,
+        "peak_memory_kind": measured_peaks[0]["peak_memory_kind"] if measured_peaks else None,
+        "process_baseline_bytes": [row["process_baseline_bytes"] for row in measured_peaks],
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "command": "python " + " ".join(sys.argv),
+        "flop_counter": "torch.utils.flop_counter (matmul/attention only; optimizer and elementwise ops are not "
+                        "counted)",
+    }
+    report = {"meta": meta, "methods": rows, "targets": checks}
+    markdown = to_markdown(rows, checks, meta)
+    print(markdown)
+    for path, text in ((args.out, json.dumps(report, indent=2) + "\n"), (args.markdown, markdown)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text, encoding="utf-8")
+    return report
+
+
+# --------------------------------------------------------------------------------------------- command line
+_SHAPE_FLAGS = {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+                "kv_heads": "num_key_value_heads", "head_dim": "head_dim", "intermediate": "intermediate_size",
+                "vocab": "vocab_size"}
+
+
+def workload_from_args(args: argparse.Namespace) -> Workload:
+    """The workload of the parsed flags: the preset's shape with every size flag given replacing its value."""
+    sizes = {field: getattr(args, field) for field in _SHAPE_FLAGS if getattr(args, field) is not None}
+    shape = dataclasses.replace(PRESETS[args.preset], **sizes)
+    return Workload(shape, batch_size=args.batch_size, seq_len=args.seq_len, task=args.task,
+                    num_classes=args.num_classes, dtype=args.dtype, device=args.device, lora_rank=args.lora_rank,
+                    lr=args.lr, seed=args.seed)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-100m",
+                        help="model shape; every size flag below overrides its value")
+    for field, config_name in _SHAPE_FLAGS.items():
+        parser.add_argument(f"--{field.replace('_', '-')}", dest=field, type=int, default=None,
+                            help=f"LlamaConfig {config_name} (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--task", choices=TASKS, default="causal-lm",
+                        help="next-token loss (LlamaForCausalLM) or a sequence classifier (the GLUE path)")
+    parser.add_argument("--num-classes", type=int, default=2, help="classes of --task classify")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="dtype of the model's tensors (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per method (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")
+    parser.add_argument("--peak-steps", type=int, default=2,
+                        help="training steps of each method's own process for its peak memory (0: skip)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
+                        help="time steps in wall-clock seconds, or in process CPU seconds (robust to other work on "
+                             "the machine with --threads 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the run and every method's process (default: torch's)")
+    parser.add_argument("--profile", action="store_true",
+                        help="one extra profiled step per method: time by operator category")
+    parser.add_argument("--out", default=None, help="JSON report path")
+    parser.add_argument("--markdown", default=None, help="also write the markdown to this path")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
+    parser.add_argument("--peak-memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.peak_memory_child is not None:
+        return _child_main(args.peak_memory_child)
+    report = run(args)
+    missed = [check["target"] for check in report["targets"] if check["passed"] is False]
+    if missed:
+        print(f"{len(missed)} target(s) missed: {'; '.join(missed)}", file=sys.stderr)
+    return 1 if (missed and args.strict) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
