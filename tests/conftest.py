@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models of every architecture family the core must support; the torchrun and resume checks."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import pytest
@@ -57,6 +59,30 @@ TINY_MODELS = {
                                     norm_layer=partial(GroupNormAct, num_groups=8)),
     "sequential": _sequential,
 }
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (loaded once; ``grft_bench_<name>`` in ``sys.modules``, because
+    dataclasses resolve their module by name)."""
+    module_name = f"grft_bench_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and are not slowed down by a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_model(name: str, seed: int = 0) -> nn.Module:

@@ -1,28 +1,15 @@
 """benchmarks/llm_memory.py: its parameter counts are those of the real models, its estimate that of a measurement."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import LlamaForSequenceClassification
 
+from conftest import load_benchmark
 from grft_vision import GRFTConfig, apply_grft, trainable_parameters_report
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_memory.py"
+llm_memory = load_benchmark("llm_memory")
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("grft_bench_llm_memory", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-llm_memory = _load()
 TINY = llm_memory.LlamaShape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=256)
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shlex
@@ -14,21 +13,12 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import BENCHMARKS, load_benchmark
 
+llm_step_cost = load_benchmark("llm_step_cost")
 
-def _load(name: str):
-    module_name = f"grft_bench_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, _BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # dataclasses resolve their module by name
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
+step_cost = load_benchmark("step_cost")
 
-
-llm_step_cost = _load("llm_step_cost")
-step_cost = _load("step_cost")
 TINY = llm_step_cost.Workload(llm_step_cost.PRESETS["tiny"], batch_size=2, seq_len=16)
 TOKENS = TINY.batch_size * TINY.seq_len
 # one torch thread: a tiny model gains nothing from more, and a shared machine's cores then cost no spin-waits
@@ -192,7 +182,7 @@ def test_script_entry_point_writes_json_and_markdown(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------- gpu_suite.sh
 def _suite(*args: str, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable}
-    return subprocess.run(["bash", str(_BENCH / "gpu_suite.sh"), *args], capture_output=True, text=True, env=env,
+    return subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh"), *args], capture_output=True, text=True, env=env,
                           **kwargs)
 
 

@@ -1,7 +1,6 @@
 """benchmarks/paper_report.py: run directories -> the paper's Table 1 / Table 2 layout, with the paper's GRFT row."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -11,21 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import load_benchmark
 from grft_vision.data import FGVC_DATASETS, VTAB_TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "paper_report.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("grft_bench_paper_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _load()
+report = load_benchmark("paper_report")
 
 
 def _write_run(root: Path, dataset: str, seed: int, top1: float, *, method: str = "grft", percent: float = 0.25,

@@ -1,28 +1,14 @@
 """benchmarks/step_cost.py on a tiny ViT: the figures are right (never their speed)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
+from conftest import load_benchmark
 
+step_cost = load_benchmark("step_cost")
 
-def _load():
-    name = "grft_bench_step_cost"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-step_cost = _load()
 # one torch thread: a tiny model gains nothing from more, and a shared machine's cores then cost no spin-waits
 TINY = dict(num_classes=5, img_size=32, batch_size=2, repeats=2, warmup=1, model_kwargs={"depth": 2}, threads=1)
 

@@ -10,7 +10,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import images, make_model, random_scores
 from grft_vision import GRFTConfig, apply_grft, load_adapter, merge_grft, save_adapter

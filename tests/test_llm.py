@@ -45,13 +45,7 @@ KEYWORD = "good"
 TARGETS = ["*layers.*", "*.layer.*"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and are not slowed down by a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 def make_tokenizer(kind: str, eos: bool = True) -> PreTrainedTokenizerFast:

@@ -14,7 +14,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 from packaging.requirements import Requirement
 
 from grft_vision.extras import OPTIONAL

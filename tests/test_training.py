@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import re
 from functools import partial
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,7 @@ TINY = ["--model", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32"
 SYNTHETIC_CLASSES = 10  # chance is 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and are not slowed down by a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 def train(benchmark: str, *args: str) -> int:
