@@ -361,11 +361,12 @@ def _spec(saved: SavedModel, model: str | None, model_kwargs: Mapping[str, Any] 
     name = model or saved.model_name
     if name is None and saved.adapter is not None:  # the adapter's architecture, at the size it ran at
         identity = json.loads(saved.adapter[1].get("base_model", "{}"))
-        name, size = identity.get("architecture"), identity.get("input_size")
+        name, size, tag = identity.get("architecture"), identity.get("input_size"), identity.get("pretrained_tag")
         default = getattr(timm.models.get_pretrained_cfg(name), "input_size", None) if name and timm.is_model(name) \
             else None
         if size and default and tuple(size) != tuple(default):  # only a patch embedding reports another size
             options.setdefault("img_size", size[-1])
+        name = f"{name}.{tag}" if name and tag else name  # --pretrained fetches the weights of that tag
     if name is None:
         raise ConfigError(f"{saved.source!r} does not record which model it belongs to; pass --model (the timm name "
                           "the run used) and --model-kwargs for the options it was created with.")
@@ -427,7 +428,7 @@ def _merge_adapter(saved: SavedModel, spec: _Spec, base: str | None, pretrained:
         raise ConfigError(f"--adapter-name {adapter_name!r}: {saved.source!r} holds adapter "
                           f"{metadata.get('adapter_name')!r} only.")
     if spec.hugging_face:
-        base = base or saved.model_name
+        base = base or saved.model_name or json.loads(metadata.get("base_model", "{}")).get("hf_hub_id")
         if base is None:
             raise ConfigError(f"{saved.source!r} holds only the adapter; pass --base with the folder or hub id of the "
                               "Hugging Face model it was trained from.")
