@@ -118,3 +118,21 @@ def test_two_gloo_processes_under_fsdp_with_a_resume_match_one_process(tmp_path)
         with torch.no_grad():
             outputs.append(model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_memory_estimate_of_fsdp_uses_the_real_8b_shape():
+    """benchmarks/llm_memory.py --fsdp (docs/llm.md): Llama-3.1-8B's parameter count, one GPU = no sharding."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grft_bench_llm_memory_fsdp", ROOT / "benchmarks" / "llm_memory.py")
+    llm_memory = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = llm_memory
+    spec.loader.exec_module(llm_memory)
+    with torch.device("meta"):
+        model = LlamaForSequenceClassification(llm_memory.LLAMA_3_1_8B.llama_config(num_labels=2))
+    assert llm_memory.count_parameters(llm_memory.LLAMA_3_1_8B) == sum(p.numel() for p in model.parameters())
+    single = llm_memory.estimate_memory(llm_memory.LLAMA_3_1_8B, 16, 256, "grft")
+    assert llm_memory.estimate_fsdp_memory(llm_memory.LLAMA_3_1_8B, 1)["total"] == pytest.approx(single["total"],
+                                                                                               rel=1e-6)
+    per_gpu = [llm_memory.estimate_fsdp_memory(llm_memory.LLAMA_3_1_8B, n)["total"] for n in (2, 4, 8)]
+    assert per_gpu == sorted(per_gpu, reverse=True) and per_gpu[-1] < single["total"] / 4

@@ -5,13 +5,13 @@ group uses NCCL on CUDA and gloo on CPU. Only the main process (rank 0) writes f
 
 Data parallelism is DistributedDataParallel, or, for language models (``train_glue.py --fsdp``),
 :func:`shard_frozen_base`: FSDP2 (``torch.distributed.fsdp.fully_shard``) over the frozen base only. Every
-decoder layer and the root are sharded, but the adapter's tensors (fp32 updates, the head's copy), the
-originals of the tensors an adapter owns, and frozen tensors of another dtype than the body's (the fp32 head)
-stay whole on every process (``ignored_params``), and their gradients are averaged over the processes as
-DistributedDataParallel averages them (a hook per parameter, before any clipping). So FSDP only ever
-all-gathers frozen weights of one dtype, never reduces a gradient, and the adapter code — updates whose
-tensors are replaced when entries move, fp32 masters beside bf16 weights, parametrized owners — sees plain
-tensors, as without FSDP.
+decoder layer, the token embedding and the root are sharded, but the adapter's tensors (fp32 updates, the
+head's copy), the originals of the tensors an adapter owns, and frozen tensors of another dtype than the
+body's (the fp32 head) stay whole on every process (``ignored_params``), and their gradients are averaged
+over the processes as DistributedDataParallel averages them (a hook per parameter, before any clipping).
+So FSDP only ever all-gathers frozen weights of one dtype, never reduces a gradient, and the adapter code
+(updates whose tensors are replaced when entries move, fp32 masters beside bf16 weights, parametrized
+owners) sees plain tensors, as without FSDP.
 """
 from __future__ import annotations
 
@@ -123,10 +123,18 @@ def replicated_parameters(model: nn.Module) -> set[nn.Parameter]:
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's transformer layers: the modules of the classes Hugging Face names in ``_no_split_modules``."""
+    """The model's transformer layers (the modules of the classes Hugging Face names in ``_no_split_modules``)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     return [module for module in model.modules() if module is not model
             and any(cls.__name__ in names for cls in type(module).__mro__)]
+
+
+def _input_embeddings(model: nn.Module, replicated: set[nn.Parameter]) -> list[nn.Module]:
+    """The token embedding as a group of its own (the root's group stays gathered from forward to backward)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None or not any(param not in replicated for param in embeddings.parameters()):
+        return []
+    return [embeddings]
 
 
 def shard_frozen_base(model: nn.Module, context: DistributedContext) -> nn.Module:
@@ -150,7 +158,7 @@ def shard_frozen_base(model: nn.Module, context: DistributedContext) -> nn.Modul
                           f"{type(model).__name__} names none. Train it without --fsdp.")
     mesh = init_device_mesh(context.device.type, (context.world_size,))
     replicated = replicated_parameters(model)
-    for block in blocks:
+    for block in _input_embeddings(model, replicated) + blocks:
         fully_shard(block, mesh=mesh, ignored_params=replicated)
     fully_shard(model, mesh=mesh, ignored_params=replicated)
     for param in model.parameters():
