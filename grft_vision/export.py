@@ -12,11 +12,13 @@ timm ``last.pth.tar`` / ``checkpoint-N``      ``state_dict_ema`` when present (a
                                               ``state_dict``), of the wrapped model (timm's ``CheckpointSaver``:
                                               base weights included) or adapter-only
                                               (``CheckpointSaver(..., unwrap_fn=adapter_only)``: needs ``--base``)
-Hugging Face Trainer ``checkpoint-N/``        :class:`~grft_vision.integrations.hf.GRFTTrainer`'s adapter (needs
-                                              ``--base``), or a plain Trainer's wrapped ``model.safetensors``
+Hugging Face Trainer ``checkpoint-N/``        :class:`~grft_vision.integrations.hf.GRFTTrainer`'s adapter (base:
+                                              ``--base``, else the folder / hub id it records), or a plain
+                                              Trainer's wrapped ``model.safetensors`` (with ``config.json``)
 grft-vision ``checkpoint.pt``                 its adapter; the base is the run's ``--checkpoint`` file or
                                               pre-trained weights
-adapter ``.safetensors`` / adapter directory  the adapter; base from ``--base`` or ``--pretrained``
+adapter ``.safetensors`` / adapter directory  the adapter; base from ``--base`` or ``--pretrained`` (timm's hub
+                                              weights of the pretrained tag the adapter records)
 ============================================  ====================================================================
 
 How export learns the structure of every update: an adapter carries it in its metadata (with its config and
@@ -348,9 +350,12 @@ class _Spec:
         if num_classes is not None and self.hf_config is None:
             config.num_labels = num_classes
         architecture = (getattr(config, "architectures", None) or ["AutoModelForSequenceClassification"])[0]
-        model_class = getattr(transformers, architecture, transformers.AutoModelForSequenceClassification)
-        if base is None:
-            return model_class.from_config(config, dtype=torch.float32)
+        model_class = getattr(transformers, architecture, None)
+        if model_class is None:
+            raise ModelLoadError(f"{folder!r}: transformers has no model class {architecture!r} (config.json's "
+                                 "architectures); upgrade transformers, or fix the config.")
+        if base is None:  # the weights come from the checkpoint
+            return model_class(config).float()
         return model_class.from_pretrained(base, config=config, dtype=torch.float32)
 
 

@@ -130,12 +130,21 @@ def test_trainer_checkpoints_resume_and_merged_model(base_dir, tmp_path):
     torch.testing.assert_close(logits(exported), logits(at_step_2), atol=1e-5, rtol=1e-5)
 
 
-def test_wrapped_weights_are_refused_by_our_loader(base_dir, tmp_path):
+def test_wrapped_weights_are_refused_by_our_loader_and_export_merges_them(base_dir, tmp_path):
     model = wrapped(base_dir)
-    model.save_pretrained(tmp_path / "wrapped")  # what the docs say not to do: merge first
+    with torch.no_grad():  # as if trained
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(tmp_path / "wrapped")  # what the docs say not to do (and what a plain Trainer saves)
     with pytest.raises(ModelLoadError, match="GRFT-wrapped model"):
         load_classifier(str(tmp_path / "wrapped"), 2, types.SimpleNamespace(pad_token_id=0))
     assert load_classifier(str(base_dir), 2, types.SimpleNamespace(pad_token_id=0)) is not None
+
+    assert export_main([str(tmp_path / "wrapped"), "--out", str(tmp_path / "merged")]) == 0
+    merged, loading = LlamaForSequenceClassification.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not any(loading[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    torch.testing.assert_close(logits(merged), logits(model), atol=1e-5, rtol=1e-5)
 
 
 def test_apply_grft_refuses_a_peft_model(base_dir):

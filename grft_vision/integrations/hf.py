@@ -33,8 +33,7 @@ from ..extras import import_optional
 from ..model import DEFAULT_ADAPTER, grft_state, merge_grft
 from ..regularization import L2ToPretrained
 
-import_optional("transformers", "grft_vision.integrations.hf")
-from transformers import Trainer  # noqa: E402  (after the check that names the extra)
+transformers = import_optional("transformers", "grft_vision.integrations.hf")
 
 __all__ = ["GRFTTrainer"]
 
@@ -46,7 +45,7 @@ def _class_name(model: nn.Module) -> str:
     return next(cls for cls in type(model).__mro__ if not cls.__module__.startswith("torch.nn.utils.parametrize")).__name__
 
 
-class GRFTTrainer(Trainer):
+class GRFTTrainer(transformers.Trainer):
     """``transformers.Trainer`` for a GRFT model (see the module docstring).
 
     Args:

@@ -11,6 +11,7 @@ either kind into plain timm weights (:mod:`grft_vision.export`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 from typing import Any, Mapping
@@ -64,8 +65,9 @@ def load_training_checkpoint(path: str | os.PathLike) -> Any:
     if not os.path.isfile(path):
         raise ModelLoadError(f"checkpoint {str(path)!r} does not exist; pass a file written by timm's "
                              "CheckpointSaver (e.g. output/train/<run>/last.pth.tar).")
+    allowed = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; before, `args` cannot be read
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with allowed([argparse.Namespace]) if allowed is not None else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

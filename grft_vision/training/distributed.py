@@ -15,6 +15,7 @@ owners) sees plain tensors, as without FSDP.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -144,11 +145,18 @@ def shard_frozen_base(model: nn.Module, context: DistributedContext) -> nn.Modul
     loaded before or after). Returns the same model.
 
     Raises:
-        ConfigError: a single process (FSDP shards over torchrun's processes), or a model whose layers are unknown.
+        ConfigError: a torch without FSDP2's ``ignored_params``, a single process (FSDP shards over torchrun's
+            processes), or a model whose layers are unknown.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        fully_shard = None
+    if fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise ConfigError(f"fsdp=true needs torch.distributed.fsdp.fully_shard with ignored_params (torch >= 2.7); "
+                          f"this is torch {torch.__version__}: upgrade torch, or leave --fsdp out (DDP).")
     if not context.distributed:
         raise ConfigError("fsdp=true shards the model over the processes of torchrun; launch it with torchrun "
                           "--nproc_per_node N (N >= 2), or leave --fsdp out on one device.")
