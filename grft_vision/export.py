@@ -263,8 +263,13 @@ def rebuild_wrapped(model: nn.Module, state: Mapping[str, torch.Tensor], adapter
         state._metadata = metadata
     indices = {match["layer"]: value for key, value in state.items()
                if (match := _UPDATE_INDICES.fullmatch(key)) and match["adapter"] == adapter_name}
-    structures = {layer: _structure(model, layer, value, state[f"{layer}.grft_updates.{adapter_name}.delta"], source)
-                  for layer, value in indices.items()}
+    structures = {}
+    for layer, value in indices.items():
+        delta = state.get(f"{layer}.grft_updates.{adapter_name}.delta")
+        if delta is None:
+            raise ModelLoadError(f"{source!r} has the indices of {layer!r} but not its delta; the checkpoint is "
+                                 "incomplete.")
+        structures[layer] = _structure(model, layer, value, delta, source)
     train_bias = any(key.endswith(f".grft_updates.{adapter_name}.bias_delta") for key in state)
     owns_nothing = GRFTConfig(train_head=False, train_bias=train_bias, train_layer_scale=False)  # BN stats aside
     add_adapter(model, adapter_name, {layer: value.long() for layer, value in indices.items()}, structures, owns_nothing)
@@ -272,7 +277,11 @@ def rebuild_wrapped(model: nn.Module, state: Mapping[str, torch.Tensor], adapter
         match = _OWNED_COPY.fullmatch(key)
         if match is None:
             continue
-        owner = model.get_submodule(match["owner"] or "")
+        try:
+            owner = model.get_submodule(match["owner"] or "")
+        except AttributeError:
+            raise ModelLoadError(f"{source!r} holds {key!r}, for a module this model does not have; pass the --model "
+                                 "and --model-kwargs it was trained with.") from None
         parametrization = adapter_tensor_of(owner, match["tensor"])
         if parametrization is None or adapter_name not in parametrization.adapters:
             own_tensor(owner, match["tensor"], adapter_name)
@@ -312,6 +321,13 @@ def _create_timm(name: str, options: Mapping[str, Any], **weights: Any) -> nn.Mo
         return timm.create_model(name, **{**options, **weights})
     except TypeError as error:
         raise ModelLoadError(f"{name!r} does not accept {sorted(options)}: {error}; fix --model-kwargs.") from error
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as error:
+        if not weights.get("pretrained"):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        source = weights.get("pretrained_cfg_overlay", {}).get("file") or f"the pre-trained weights of {name!r}"
+        raise ModelLoadError(f"could not load {source} into {name!r} with {options} ({first}); pass the base weights "
+                             "and the --model / --model-kwargs the run used.") from None
 
 
 @dataclass
@@ -346,7 +362,11 @@ class _Spec:
         if folder is None:
             raise ConfigError("a Hugging Face adapter needs its base model: pass --base with the model's folder or hub "
                               "id (what the run loaded).")
-        config = transformers.AutoConfig.from_pretrained(folder)
+        try:
+            config = transformers.AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"cannot read the Hugging Face config of {folder!r} ({error}); pass --base with the "
+                                 "folder or hub id of the model the run trained.") from None
         if num_classes is not None and self.hf_config is None:
             config.num_labels = num_classes
         architecture = (getattr(config, "architectures", None) or ["AutoModelForSequenceClassification"])[0]

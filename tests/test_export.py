@@ -187,3 +187,11 @@ def test_python_m_entry_point(tmp_path):
     done = subprocess.run([sys.executable, "-m", "grft_vision.export", str(tmp_path / "none.pth"), "--out",
                            str(tmp_path / "o.pth")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "does not exist" in done.stderr
+
+
+def test_base_weights_of_another_architecture_are_one_line(tmp_path, capsys):
+    adapter = _adapter(tmp_path)
+    torch.save(timm.create_model("resnet18", **RESNET).state_dict(), tmp_path / "resnet.pth")
+    assert export_main([str(adapter), "--base", str(tmp_path / "resnet.pth"), "--out", str(tmp_path / "o.pth")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: could not load") and error.count("\n") == 1, error

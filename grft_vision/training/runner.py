@@ -479,17 +479,20 @@ class _Loop:
             return adapter_state(self.model)
         return adapter_tensors(self.model, grft_state(self.model).active), self._adapter_metadata
 
+    def _predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions and targets of the whole eval set; under FSDP without the padding of ``_eval_loader``."""
+        if not self.train.fsdp:
+            return evaluate(self.network, self.eval_loader, batches=self.task.batches, precision=self.precision,
+                            context=self.context, progress=self.progress)
+        alone = DistributedContext(0, 1, self.context.device)  # gather after dropping the padding
+        predictions, targets = evaluate(self.network, self.eval_loader, batches=self.task.batches,
+                                        precision=self.precision, context=alone, progress=self.progress)
+        own = len(range(self.context.rank, len(self.eval_loader.dataset.dataset), self.context.world_size))
+        gathered = self.context.gather((predictions[:own], targets[:own]))
+        return torch.cat([p for p, _ in gathered]), torch.cat([t for _, t in gathered])
+
     def evaluate(self, step: int) -> dict[str, float]:
-        if self.train.fsdp:  # every process ran every batch, its padding included (see _eval_loader)
-            alone = DistributedContext(0, 1, self.context.device)
-            predictions, targets = evaluate(self.network, self.eval_loader, batches=self.task.batches,
-                                            precision=self.precision, context=alone, progress=self.progress)
-            own = len(range(self.context.rank, len(self.eval_loader.dataset.dataset), self.context.world_size))
-            gathered = self.context.gather((predictions[:own], targets[:own]))
-            predictions, targets = torch.cat([p for p, _ in gathered]), torch.cat([t for _, t in gathered])
-        else:
-            predictions, targets = evaluate(self.network, self.eval_loader, batches=self.task.batches,
-                                            precision=self.precision, context=self.context, progress=self.progress)
+        predictions, targets = self._predictions()
         scores = self.task.metrics(predictions, targets)
         self.monitor.scalars({f"{self.train.eval_split}/{name}": value for name, value in scores.items()}, step)
         return scores
