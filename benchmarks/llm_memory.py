@@ -7,6 +7,8 @@ as full fine-tuning's — every targeted linear layer saves its input for the gr
 gradient checkpointing reduces them to one hidden state per layer plus one layer's activations.
 
 ``python benchmarks/llm_memory.py`` prints the estimate for Llama-3.2-1B (bf16, batch 16 x 256 tokens);
+``python benchmarks/llm_memory.py --fsdp`` the per-GPU estimate of ``train_glue.py --fsdp`` for Llama-3.2-1B and
+Llama-3.1-8B on 1 to 8 GPUs;
 ``python benchmarks/llm_memory.py --measure`` measures a small Llama on the CPU (peak RSS of a fresh process
 and the bytes autograd saves), for GRFT and full fine-tuning, with and without checkpointing. Needs
 ``pip install 'grft-vision[llm]'``.
@@ -23,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LlamaShape", "LLAMA_3_2_1B", "count_parameters", "trainable_parameters", "estimate_memory",
-           "measure_training_memory"]
+__all__ = ["LlamaShape", "LLAMA_3_2_1B", "LLAMA_3_1_8B", "count_parameters", "trainable_parameters",
+           "estimate_memory", "estimate_fsdp_memory", "measure_training_memory"]
 
 GIB = 2**30
 
@@ -58,6 +60,8 @@ class LlamaShape:
 
 # meta-llama/Llama-3.2-1B's published config.json (tied embeddings; no biases)
 LLAMA_3_2_1B = LlamaShape(hidden=2048, layers=16, heads=32, kv_heads=8, head_dim=64, intermediate=8192, vocab=128256)
+# meta-llama/Llama-3.1-8B's published config.json (untied embeddings; a classifier has no lm_head)
+LLAMA_3_1_8B = LlamaShape(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256)
 
 
 def count_parameters(shape: LlamaShape, num_classes: int = 2) -> int:
@@ -130,6 +134,46 @@ def estimate_selection_memory(shape: LlamaShape = LLAMA_3_2_1B, batch: int = 16,
     grads = targeted * weight_bytes / GIB if weight_bytes != 4 else 0.0
     return {"weights": base["weights"], "gradient_sums": sums, "gradients": grads,
             "activations": base["activations"], "total": base["weights"] + sums + grads + base["activations"]}
+
+
+def estimate_fsdp_memory(shape: LlamaShape, gpus: int, batch: int = 16, seq: int = 256, k: int = 3,
+                         checkpointing: bool = False, weight_bytes: int = 2, act_bytes: int = 2,
+                         num_classes: int = 2) -> dict[str, float]:
+    """Analytic per-GPU memory (GiB) of ``train_glue.py --fsdp`` on ``gpus`` GPUs (an estimate, not measured).
+
+    ``shards``: 1/gpus of every frozen weight (bf16); ``gathered``: what FSDP2 holds all-gathered at a time, the
+    larger of the token embedding (forward only) and two decoder layers (the one computing and the one
+    prefetched); ``trainable_state``: the adapter and the head, whole on every GPU (fp32 value, gradient, two
+    AdamW moments); ``activations``: those of the ``batch / gpus`` sequences each GPU computes. With one GPU
+    it is :func:`estimate_memory` (nothing sharded, nothing gathered).
+    """
+    single = estimate_memory(shape, max(batch // gpus, 1), seq, "grft", "row", k, checkpointing, weight_bytes,
+                             act_bytes, num_classes)
+    frozen = (count_parameters(shape, num_classes) - shape.hidden * num_classes) * weight_bytes
+    layer = (sum(out * inp for out, inp in shape.linear_shapes()) + 2 * shape.hidden) * weight_bytes
+    gathered = max(shape.vocab * shape.hidden * weight_bytes, 2 * layer) if gpus > 1 else 0
+    shards = frozen / gpus + shape.hidden * num_classes * 4  # the fp32 head's original stays whole
+    total = shards + gathered + single["trainable_state"] * GIB + single["activations"] * GIB
+    return {"shards": shards / GIB, "gathered": gathered / GIB, "trainable_state": single["trainable_state"],
+            "activations": single["activations"], "total": total / GIB}
+
+
+def _print_fsdp(batch: int, seq: int) -> None:
+    print(f"train_glue.py --fsdp, rows k=3, bf16 weights, global batch {batch} x {seq} tokens: per-GPU estimate "
+          "(not measured), GiB")
+    print("| model | GPUs | checkpointing | shards | gathered | trainable state | activations | total | "
+          "at load (full bf16) | selection on rank 0 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, shape in (("Llama-3.2-1B", LLAMA_3_2_1B), ("Llama-3.1-8B", LLAMA_3_1_8B)):
+        load = count_parameters(shape) * 2 / GIB
+        for checkpointing in (False, True):
+            selection = estimate_selection_memory(shape, batch, seq, checkpointing)["total"]
+            for gpus in (1, 2, 4, 8):
+                e = estimate_fsdp_memory(shape, gpus, batch, seq, checkpointing=checkpointing)
+                gpu_label = gpus if gpus > 1 else "1 (no FSDP)"
+                print(f"| {label} | {gpu_label} | {checkpointing} | {e['shards']:.2f} | {e['gathered']:.2f} | "
+                      f"{e['trainable_state']:.3f} | {e['activations']:.2f} | **{e['total']:.2f}** | {load:.2f} | "
+                      f"{selection:.1f} |")
 
 
 # ----------------------------------------------------------------------------------------------- measurement
@@ -224,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--fsdp", action="store_true", help="per-GPU estimate of train_glue.py --fsdp (1B, 8B)")
     args = parser.parse_args(argv)
+    if args.fsdp:
+        _print_fsdp(args.batch, args.seq)
+        return 0
     if args.measure:
         print(f"small Llama {asdict(SMALL_LLAMA)}, fp32 on CPU, batch {args.batch} x {args.seq} tokens, AdamW")
         print("| method | checkpointing | trainable | RSS before (GiB) | peak RSS (GiB) | peak - before (GiB) "

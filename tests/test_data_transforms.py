@@ -62,3 +62,18 @@ def test_overrides_and_model_input():
 def test_unknown_protocol():
     with pytest.raises(ValueError, match="vtab_tfds"):
         create_transforms(IN21K_VIT, "imagenet", train=False)
+
+
+def test_contrastive_and_protocol_transforms_follow_the_size_the_model_runs_at():
+    """A ViT created with img_size=32 keeps input_size 224 in its pretrained_cfg; the crops must be 32 px."""
+    import timm
+
+    from grft_vision.data import contrastive_transform
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+    image = Image.new("RGB", (64, 48), (10, 200, 30))
+    assert contrastive_transform(model)(image).shape == (3, 32, 32)
+    assert create_transforms(model, "fgvc", train=False)(image).shape == (3, 32, 32)
+    resnet = timm.create_model("resnet18", pretrained=False)  # no patch embedding: its config's size
+    assert contrastive_transform(resnet)(image).shape == (3, 224, 224)

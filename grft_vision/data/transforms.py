@@ -24,6 +24,8 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
+from ..anatomy import input_size
+
 __all__ = ["PROTOCOLS", "TwoViews", "contrastive_transform", "create_transforms", "resolve_model_data_config"]
 
 PROTOCOLS = ("vtab", "vtab_tfds", "fgvc")
@@ -37,7 +39,9 @@ def resolve_model_data_config(model_or_data_config: nn.Module | Mapping[str, Any
     """A complete timm data config (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ...).
 
     Args:
-        model_or_data_config: A timm model (its ``pretrained_cfg``), a (partial) data config dict whose
+        model_or_data_config: A timm model (its ``pretrained_cfg``, with the input size it actually runs at:
+            a ViT created with ``img_size=32`` keeps 224 in its config, see
+            :func:`grft_vision.anatomy.input_size`), a (partial) data config dict whose
             missing keys take timm's defaults, or a timm model name such as
             ``"vit_base_patch16_224.augreg_in21k"`` (its registered pretrained config; nothing is loaded).
 
@@ -48,7 +52,11 @@ def resolve_model_data_config(model_or_data_config: nn.Module | Mapping[str, Any
         ValueError: If a model name has no registered pretrained config.
     """
     if isinstance(model_or_data_config, nn.Module):
-        return resolve_data_config(model=model_or_data_config)
+        config = resolve_data_config(model=model_or_data_config)
+        actual = input_size(model_or_data_config)
+        if actual is not None:
+            config["input_size"] = tuple(actual)
+        return config
     if isinstance(model_or_data_config, str):
         pretrained_cfg = timm.models.get_pretrained_cfg(model_or_data_config)
         if pretrained_cfg is None:

@@ -2,7 +2,7 @@
 
 Same layering, run directory, exit codes and flags as the vision scripts (:mod:`grft_vision.training.cli`),
 without the image flags, plus ``--max-length``, ``--dtype``, ``--gradient-checkpointing``, ``--pooling``,
-``--warmup-ratio`` and ``--data-dir`` for GLUE's files.
+``--warmup-ratio``, ``--fsdp`` and ``--data-dir`` for GLUE's files.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ GLUE_FLAGS = {
     "--gradient-checkpointing": ("gradient_checkpointing", {"action": "store_const", "const": True}),
     "--pooling": ("pooling", {"choices": POOLINGS}),
     "--warmup-ratio": ("warmup_ratio", {"type": float}),
+    "--fsdp": ("fsdp", {"action": "store_const", "const": True}),
 }
 
 

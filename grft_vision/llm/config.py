@@ -2,7 +2,8 @@
 
 The added fields are settings like any other (config files, ``--set``, flags): sequence length and
 truncation, weight precision, gradient checkpointing, the pooled token, the pad token, and a learning-rate
-schedule stepped per optimizer update with an in-run warm-up (``warmup_ratio``).
+schedule stepped per optimizer update with an in-run warm-up (``warmup_ratio``), and FSDP2 sharding of the
+frozen base (``fsdp``).
 """
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ class GlueTrainConfig(TrainConfig):
         "help": "Step the learning-rate schedule after every optimizer update instead of every epoch."})
     warmup_ratio: float = field(default=0.06, metadata={
         "help": "Linear warm-up over this share of the training updates (needs sched_on_updates, warmup_epochs=0)."})
+    fsdp: bool = field(default=False, metadata={
+        "help": "Under torchrun, shard the frozen base over the processes with FSDP2 (fully_shard) instead of "
+                "replicating it (DDP); the adapter and the head stay whole on every process."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +77,9 @@ class GlueTrainConfig(TrainConfig):
             raise ConfigError(f"max_length={self.max_length!r} must be an int >= 2.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1).")
+        if self.fsdp and self.method == "full":
+            raise ConfigError("fsdp=true shards the frozen base of a GRFT (or head-only) run; full fine-tuning trains "
+                              "every weight: run it with torchrun without --fsdp (DDP).")
         if self.warmup_ratio > 0 and (self.warmup_epochs > 0 or not self.sched_on_updates):
             raise ConfigError("warmup_ratio > 0 is a warm-up counted in updates inside --epochs: it needs "
                               "sched_on_updates=true and warmup_epochs=0 (set warmup_ratio=0 to use warmup_epochs).")

@@ -13,13 +13,14 @@ a linear ``score`` head on the last non-padding token, encoders such as BERT the
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..anatomy import head_module_names
+from ..anatomy import head_module_names, is_adapter_tensor
 from ..config import ConfigError
 from ..extras import import_optional
 from ..training.model_factory import ModelLoadError
@@ -29,6 +30,7 @@ __all__ = ["resolve_dtype", "load_tokenizer", "load_classifier", "enable_gradien
 
 _logger = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_WRAPPED = re.compile(r"\.base_layer\.|\.parametrizations\.[^.]+\.original$")  # a GRFT model's own keys
 _NO_LIMIT = 10**8  # tokenizers without a known limit report a huge model_max_length
 
 
@@ -148,6 +150,17 @@ def resolve_pooling(model: nn.Module, setting: str = "auto") -> str:
     return "first" if getattr(model.config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "last"
 
 
+def _refuse_wrapped_weights(name: str, loading: dict[str, Any]) -> None:
+    """Raise :class:`ModelLoadError` when ``name`` holds the weights of a GRFT-wrapped model (transformers would
+    leave every targeted layer at its random initialisation and report it only in a load table)."""
+    wrapped = sorted(key for key in loading.get("unexpected_keys", ()) if is_adapter_tensor(key) or _WRAPPED.search(key))
+    if wrapped:
+        raise ModelLoadError(f"{name!r} holds the weights of a GRFT-wrapped model ({len(wrapped)} tensors such as "
+                             f"{wrapped[0]!r}), so transformers would initialise every targeted layer at random. Save "
+                             "merged models (grft_vision.merge_grft before save_pretrained, or GRFTTrainer.save_merged), "
+                             "or load the adapter onto the base model (grft_vision.load_adapter / from_pretrained).")
+
+
 def load_classifier(name: str, num_classes: int, tokenizer: Any, *, pretrained: bool = True,
                     dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
                     progress: bool = True) -> nn.Module:
@@ -163,7 +176,8 @@ def load_classifier(name: str, num_classes: int, tokenizer: Any, *, pretrained: 
         progress: show transformers' loading progress bar.
 
     Raises:
-        ModelLoadError: the model cannot be found or loaded (the message says how to use a local copy).
+        ModelLoadError: the model cannot be found or loaded (the message says how to use a local copy), or the
+            folder holds the weights of a GRFT-wrapped model (saved without merging).
     """
     import_optional("transformers", "loading a language model")
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -176,7 +190,9 @@ def load_classifier(name: str, num_classes: int, tokenizer: Any, *, pretrained: 
     try:
         config = AutoConfig.from_pretrained(name, num_labels=num_classes, pad_token_id=tokenizer.pad_token_id)
         if pretrained:
-            model = AutoModelForSequenceClassification.from_pretrained(name, config=config, dtype=dtype)
+            model, loading = AutoModelForSequenceClassification.from_pretrained(name, config=config, dtype=dtype,
+                                                                               output_loading_info=True)
+            _refuse_wrapped_weights(name, loading)
         else:
             model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
     except (OSError, ValueError, KeyError) as error:

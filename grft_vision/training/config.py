@@ -87,6 +87,7 @@ class TrainConfig:
     # --- schedule granularity: fixed for the vision scripts, settings of subclasses (language models) ---------
     sched_on_updates: ClassVar[bool] = False  # step the schedule after every optimizer update, not every epoch
     warmup_ratio: ClassVar[float] = 0.0  # linear warm-up over this share of the updates of ``epochs``
+    fsdp: ClassVar[bool] = False  # shard the frozen base with FSDP2 instead of DDP (language models)
 
     def __post_init__(self) -> None:
         check_field_types(self)

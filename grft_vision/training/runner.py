@@ -30,19 +30,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ..adapter import adapter_state, apply_adapter_state, save_adapter
+from ..adapter import adapter_state, adapter_tensors, apply_adapter_state
 from ..anatomy import grft_layers, head_module_names
 from ..config import GRFTConfig
 from ..errors import ConfigError
 from ..files import atomic_write, remove_temporaries
-from ..model import DEFAULT_ADAPTER, add_adapter, apply_grft, check_targets
+from ..model import DEFAULT_ADAPTER, add_adapter, apply_grft, check_targets, grft_state
 from ..regularization import L2ToPretrained
 from ..selection.record import write_json_atomic
 from ..selection.schedules import MaskSchedule, create_schedule
 from ..trainable import trainable_parameters_report
 from .checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig, resolved_settings, yaml_problem
-from .distributed import DistributedContext
+from .distributed import DistributedContext, shard_frozen_base
 from .loop import DivergenceWatch, Precision, check_finite_parameters, evaluate, train_one_epoch
 from .monitor import Monitor
 from .task import Task, VisionTask
@@ -51,7 +51,7 @@ __all__ = ["run", "seed_everything", "create_scheduler", "RUN_FILES"]
 
 # settings that may differ between a run and its resumption
 _RESUME_FREE = {"run_dir", "logdir", "quiet", "workers", "device", "eval_every", "divergence_factor",
-                "divergence_window"}
+                "divergence_window", "fsdp"}
 # what a run writes into its directory (besides the TensorBoard folder tb/); --overwrite deletes these
 RUN_FILES = ("config.yaml", "selection.json", "adapter.safetensors", "trainable.safetensors", "checkpoint.pt",
              "metrics.json")
@@ -83,8 +83,12 @@ def _train_loader(train: TrainConfig, dataset: Dataset, context: DistributedCont
 
 
 def _eval_loader(train: TrainConfig, dataset: Dataset, context: DistributedContext, task: Task) -> DataLoader:
-    shard = Subset(dataset, list(range(context.rank, len(dataset), context.world_size)))
-    return DataLoader(shard, batch_size=train.batch_size, shuffle=False, num_workers=train.workers,
+    """Every N-th sample; under FSDP every shard is padded (with its own first sample) to the length of the
+    longest, because every process must run every forward pass (``_Loop.evaluate`` drops the padding)."""
+    indices = list(range(context.rank, len(dataset), context.world_size))
+    if train.fsdp and len(dataset):
+        indices += (indices[:1] or [0]) * (-(-len(dataset) // context.world_size) - len(indices))
+    return DataLoader(Subset(dataset, indices), batch_size=train.batch_size, shuffle=False, num_workers=train.workers,
                       pin_memory=context.device.type == "cuda", collate_fn=task.collate_fn)
 
 
@@ -236,9 +240,11 @@ def _trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach().cpu() for name, param in model.named_parameters() if param.requires_grad}
 
 
-def _save_outputs(model: nn.Module, train: TrainConfig, run_dir: Path) -> None:
+def _save_outputs(model: nn.Module, train: TrainConfig, run_dir: Path, adapter: tuple[dict, dict] | None) -> None:
+    """``adapter.safetensors`` (GRFT: ``adapter`` is its ``(tensors, metadata)``) or ``trainable.safetensors``."""
     if train.method == "grft":
-        save_adapter(model, run_dir / "adapter.safetensors")
+        with atomic_write(run_dir / "adapter.safetensors", "wb") as handle:
+            handle.write(safetensors_bytes(adapter[0], metadata=adapter[1]))
         return
     with atomic_write(run_dir / "trainable.safetensors") as handle:
         handle.write(safetensors_bytes({k: v.contiguous() for k, v in _trainable_tensors(model).items()}))
@@ -315,7 +321,7 @@ def _run(train: TrainConfig, grft: GRFTConfig, resume: bool, overwrite: bool, co
         "run_dir": str(run_dir),
     }
     if context.is_main:
-        _save_outputs(model, train, run_dir)
+        _save_outputs(model, train, run_dir, loop.adapter_state())
         write_json_atomic(run_dir / "metrics.json", metrics)
         monitor.hparams(settings, {main: metrics[main], "trainable_percent": report.percent})
     monitor.close()
@@ -385,7 +391,12 @@ class _Loop:
         self.settings, self.selection_seconds = settings, selection_seconds
         self.divergence = DivergenceWatch(train.divergence_factor, train.divergence_window)
         self.model, self.regularizer = model, regularizer
-        self.network = DistributedDataParallel(model) if context.distributed else model
+        # under FSDP the backbone's fingerprints are taken before it is sharded (the base never changes)
+        self._adapter_metadata = adapter_state(model)[1] if train.fsdp and train.method == "grft" else None
+        if train.fsdp:
+            self.network = shard_frozen_base(model, context)
+        else:
+            self.network = DistributedDataParallel(model) if context.distributed else model
         trainable = [param for param in model.parameters() if param.requires_grad]
         self.optimizer = create_optimizer_v2(trainable, opt=train.opt, lr=train.lr, weight_decay=train.weight_decay)
         self.precision = Precision(context.device, train.amp)
@@ -402,8 +413,9 @@ class _Loop:
         if grft.schedule == "static":
             return None
         if self.context.distributed:
+            wrapper = "FSDP" if self.train.fsdp else "DistributedDataParallel"
             raise ConfigError(f"schedule={grft.schedule!r} replaces the trainable tensors during training, which "
-                              "DistributedDataParallel does not allow; run it in a single process.")
+                              f"{wrapper} does not allow; run it in a single process.")
         return create_schedule(self.model, grft, self.task.selection_loader(self.train, grft, train_set),
                                total_steps=self.total_epochs * len(self.train_loader),
                                budgets=self.model.grft_state.budgets,
@@ -458,9 +470,29 @@ class _Loop:
         self.seconds = self._train_seconds()
         return history
 
-    def evaluate(self, step: int) -> dict[str, float]:
+    def adapter_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The active adapter's ``(tensors, metadata)`` (:func:`~grft_vision.adapter.adapter_state`); None for the
+        baselines."""
+        if self.train.method != "grft":
+            return None
+        if self._adapter_metadata is None:
+            return adapter_state(self.model)
+        return adapter_tensors(self.model, grft_state(self.model).active), self._adapter_metadata
+
+    def _predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions and targets of the whole eval set; under FSDP without the padding of ``_eval_loader``."""
+        if not self.train.fsdp:
+            return evaluate(self.network, self.eval_loader, batches=self.task.batches, precision=self.precision,
+                            context=self.context, progress=self.progress)
+        alone = DistributedContext(0, 1, self.context.device)  # gather after dropping the padding
         predictions, targets = evaluate(self.network, self.eval_loader, batches=self.task.batches,
-                                        precision=self.precision, context=self.context, progress=self.progress)
+                                        precision=self.precision, context=alone, progress=self.progress)
+        own = len(range(self.context.rank, len(self.eval_loader.dataset.dataset), self.context.world_size))
+        gathered = self.context.gather((predictions[:own], targets[:own]))
+        return torch.cat([p for p, _ in gathered]), torch.cat([t for _, t in gathered])
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        predictions, targets = self._predictions()
         scores = self.task.metrics(predictions, targets)
         self.monitor.scalars({f"{self.train.eval_split}/{name}": value for name, value in scores.items()}, step)
         return scores
@@ -471,7 +503,7 @@ class _Loop:
         if self.context.is_main:
             grft = self.train.method == "grft"
             save_checkpoint(self.run_dir / "checkpoint.pt", epoch=epoch,
-                            adapter=adapter_state(self.model) if grft else None,
+                            adapter=self.adapter_state(),
                             trainable=None if grft else _trainable_tensors(self.model),
                             optimizer=self.optimizer, scheduler=self.scheduler, history=history,
                             scaler=self.precision.scaler,
