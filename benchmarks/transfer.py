@@ -41,6 +41,7 @@ import math
 import multiprocessing
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -298,7 +299,7 @@ def pretrain(settings: Settings, cache_dir: Path | None, log: Callable[[str], No
             log(f"pre-training: loaded from cache {weights} (took {info['seconds']:.0f} s when made, "
                 f"source val top-1 {info['source_val_top1']:.3f})")
             return state, {**info, "sha256": state_sha256(state), "from_cache": True}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     with tempfile.TemporaryDirectory(prefix="grft-pretrain-") as tmp:
         args = (workers, settings.to_dict(), str(Path(tmp, "init")), tmp,
                 None if log_file is None else str(log_file), quiet)
@@ -314,7 +315,7 @@ def pretrain(settings: Settings, cache_dir: Path | None, log: Callable[[str], No
             torch_mp.spawn(_pretrain_rank, args=args, nprocs=workers, join=True)
         state = torch.load(Path(tmp, "state.pt"), map_location="cpu")
         made = json.loads(Path(tmp, "info.json").read_text())
-    info = {"key": key, "seconds": time.perf_counter() - start, **made,
+    info = {"key": key, "seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu_start, **made,
             "source_classes": transfer_data.source_num_classes(), "workers": workers,
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "sha256": state_sha256(state),
             "from_cache": False}
@@ -326,6 +327,12 @@ def pretrain(settings: Settings, cache_dir: Path | None, log: Callable[[str], No
         os.replace(tmp_file, cache_dir / f"vit-{key}.pt")
         (cache_dir / f"vit-{key}.json").write_text(json.dumps(info, indent=1))
     return state, info
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (user + system, seconds): the cost on idle cores."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -706,7 +713,7 @@ def _run_job(job: Job) -> dict[str, Any]:
 def finetune(job: Job, settings: Settings, state: dict[str, torch.Tensor], data: transfer_data.TargetData,
              lora_rank: int) -> dict[str, Any]:
     """Prepare a fresh copy of the pre-trained model with ``job.method``, train it, return its test top-1."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if job.split == "val":
         data = data.split_validation()
     torch.manual_seed(job.seed)  # the head's initialisation
@@ -763,7 +770,7 @@ def finetune(job: Job, settings: Settings, state: dict[str, torch.Tensor], data:
         "trainable_percent": 100.0 * trainable / base_total, "final_train_loss": losses.get("task_loss"),
         "final_reg_loss": losses.get("reg_loss"), "epochs": total_epochs, "train_images": len(y),
         "test_images": len(targets), "prepare_seconds": prepare_seconds,
-        "seconds": time.perf_counter() - start, "info": prepared.info,
+        "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start, "info": prepared.info,
     }
 
 
@@ -1138,6 +1145,10 @@ CONFIDENCE = 0.95
 class Sweep:
     """The width sweep: one benchmark run (:func:`run_benchmark`) per (width, pre-training seed).
 
+    The pre-training learning rate scales as ``1 / width`` from the base settings' (AdamW's rule for hidden
+    weights in muP): with the width-64 recipe's 3e-3, a width-192 model stays at chance loss for longer
+    than one at 1e-3. The fine-tuning learning rates and lambda are the benchmark's, tuned at width 64.
+
     Attributes:
         widths: embedding widths; ``num_heads = width / head_dim``, the depth stays the base settings'.
         pretrain_seeds: one pre-trained checkpoint per seed at every width.
@@ -1145,7 +1156,7 @@ class Sweep:
         methods: the fine-tuning methods, :data:`SWEEP_METHODS` by default.
         overrides: :class:`Settings` overrides at every width.
         per_width: :class:`Settings` overrides by width, applied last (fewer source epochs or methods at the
-            widest model); a width not listed runs the base settings.
+            wider models); a width not listed runs the base settings (with the scaled learning rate).
     """
 
     widths: tuple[int, ...] = (64, 128, 192)
@@ -1161,14 +1172,19 @@ class Sweep:
             raise ValueError(f"width {width} is not a positive multiple of the head width {self.head_dim}; "
                              f"pick widths like {self.head_dim * 4}, {self.head_dim * 8}")
         values = {"embed_dim": width, "num_heads": width // self.head_dim, "pretrain_seed": pretrain_seed,
-                  "methods": self.methods, **self.overrides, **self.per_width.get(width, {})}
+                  "pretrain_lr": base.pretrain_lr * base.embed_dim / width, "methods": self.methods,
+                  **self.overrides, **self.per_width.get(width, {})}
         return dataclasses.replace(base, **values)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # int keys -> str, tuples -> lists
 
 
-SWEEP = Sweep()
+# 90 minutes on 2 idle cores (the per-job costs measured at each width, docs/results.md): fewer source epochs
+# at the wider models, whose scaled learning rate learns faster per step, and at width 192 only the rows compared
+# in the plot (GRFT, random, lowest).
+SWEEP = Sweep(per_width={128: {"pretrain_epochs": 6},
+                         192: {"pretrain_epochs": 4, "methods": ("grft-row-k1", "random-row-k1", "lowest-row-k1")}})
 # the pipeline check: two tiny widths, one target, two seeds (two units per checkpoint for an interval)
 QUICK_SWEEP = Sweep(widths=(16, 32), overrides={"targets": ("count",), "source_images": 512,
                                                 "source_val_images": 128})
@@ -1225,6 +1241,10 @@ def run_sweep(sweep: Sweep, base: Settings, out_dir: Path, cache_dir: Path | Non
                    "pretrain_seconds": sum(r["timing"]["pretrain_seconds"] for r in runs.values()),
                    "finetune_seconds": sum(r["timing"]["finetune_seconds"] for r in runs.values()),
                    "checkpoint_seconds": {n: r["timing"]["total_seconds"] for n, r in runs.items()},
+                   # CPU time (pre-trainings made in this sweep, all fine-tuning jobs): what it costs on idle cores
+                   "cpu_seconds": sum(r["pretrain"].get("cpu_seconds", 0.0) for r in runs.values()
+                                      if not r["pretrain"]["from_cache"])
+                   + sum(j.get("cpu_seconds", 0.0) for r in runs.values() for j in r["runs"]),
                    "resumed": resumed},
     }
     results["summary"] = summarise_sweep(runs)

@@ -335,6 +335,7 @@ def test_sweep_settings_scale_heads_and_apply_width_overrides():
     assert (narrow.embed_dim, narrow.num_heads, narrow.pretrain_seed, narrow.seeds) == (64, 4, 1, (0,))
     assert narrow.pretrain_epochs == transfer.FULL.pretrain_epochs and narrow.methods == transfer.SWEEP_METHODS
     assert (wide.num_heads, wide.pretrain_epochs, wide.methods) == (8, 3, ("linear",))
+    assert narrow.pretrain_lr == transfer.FULL.pretrain_lr and wide.pretrain_lr == transfer.FULL.pretrain_lr / 2
     assert narrow.pretrain_key() != spec.settings_at(transfer.FULL, 64, 0).pretrain_key()
     with pytest.raises(ValueError, match="width 72 is not a positive multiple of the head width 16"):
         spec.settings_at(transfer.FULL, 72, 0)
@@ -356,8 +357,8 @@ def test_results_md_sweep_table_is_what_the_committed_json_gives():
     doc = (_ROOT / "docs" / "results.md").read_text()
     assert doc.count(TABLE_START) == 1 and doc.count(TABLE_END) == 1
     assert doc.split(TABLE_START)[1].split(TABLE_END)[0].strip() == table.strip()
-    # the code and the command that produced the numbers are named where they are reported
-    assert stored["code"]["commit"] and stored["code"]["dirty"] is False and stored["code"]["commit"] in doc
-    assert all(run["code"] == stored["code"] for run in runs.values())
+    # the code (of the sweep and of every checkpoint's jobs, clean checkouts) and the command are in the page
+    for code in [stored["code"], *(run["code"] for run in runs.values())]:
+        assert code["dirty"] is False and len(code["commit"]) == 40 and code["commit"] in doc
     assert stored["command"] in doc
     assert (SWEEP_DIR / "width_sweep.png").is_file() and "results/width-sweep/width_sweep.png" in doc
