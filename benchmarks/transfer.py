@@ -73,8 +73,8 @@ from grft_vision.training import (DistributedContext, ImageBatches, Monitor, Pre
 __all__ = [
     "Settings", "FULL", "QUICK", "Method", "MethodContext", "Prepared", "METHODS", "register", "grft_method",
     "pretrain", "state_sha256", "random_generator", "finetune", "run_benchmark", "tune", "summarise", "to_markdown",
-    "plot", "Sweep", "SWEEP", "QUICK_SWEEP", "SWEEP_METHODS", "SWEEP_PAIRS", "checkpoint_name", "run_sweep",
-    "load_sweep", "paired_difference", "summarise_sweep", "sweep_markdown", "plot_sweep", "main",
+    "plot", "Sweep", "SWEEP", "QUICK_SWEEP", "SWEEP_METHODS", "SWEEP_CORE", "SWEEP_PAIRS", "checkpoint_name",
+    "run_sweep", "load_sweep", "paired_difference", "summarise_sweep", "sweep_markdown", "plot_sweep", "main",
 ]
 
 PRETRAIN_VERSION = 2  # bump when the source data or the pre-training recipe changes (invalidates the cache)
@@ -1180,11 +1180,10 @@ class Sweep:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # int keys -> str, tuples -> lists
 
 
-# 90 minutes on 2 idle cores (the per-job costs measured at each width, docs/results.md): fewer source epochs
-# at the wider models, whose scaled learning rate learns faster per step, and at width 192 only the rows compared
-# in the plot (GRFT, random, lowest).
-SWEEP = Sweep(per_width={128: {"pretrain_epochs": 6},
-                         192: {"pretrain_epochs": 4, "methods": ("grft-row-k1", "random-row-k1", "lowest-row-k1")}})
+# 90 minutes on 2 idle cores (from the per-job and per-epoch costs measured at each width, docs/results.md): the
+# wider models fine-tune only the rows compared in the plot, and width 192 pre-trains for 7 source epochs, not 10.
+SWEEP_CORE = ("grft-row-k1", "random-row-k1", "lowest-row-k1")
+SWEEP = Sweep(per_width={128: {"methods": SWEEP_CORE}, 192: {"pretrain_epochs": 7, "methods": SWEEP_CORE}})
 # the pipeline check: two tiny widths, one target, two seeds (two units per checkpoint for an interval)
 QUICK_SWEEP = Sweep(widths=(16, 32), overrides={"targets": ("count",), "source_images": 512,
                                                 "source_val_images": 128})
