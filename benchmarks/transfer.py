@@ -20,9 +20,16 @@ the pre-trained model for training and returns its trainable parameters (:class:
 are one :func:`register` call; see :func:`grft_method` for the GRFT family (selection, wrapping and the
 regulariser all come from ``grft_vision``).
 
+The width sweep (``--sweep``, :class:`Sweep`) runs the benchmark at several widths and pre-training seeds
+(one checkpoint each) with a few methods, and reports the paired differences per checkpoint and pooled
+(:func:`summarise_sweep`, ``sweep.json``, ``sweep.md``, ``width_sweep.png``).
+
     python benchmarks/transfer.py --out runs/transfer             # the full benchmark (< 30 min, 2 cores)
     python benchmarks/transfer.py --quick --out /tmp/transfer      # pipeline check (seconds)
     python benchmarks/transfer.py --tune --out runs/transfer-tune  # learning-rate / lambda choice on val splits
+    python benchmarks/transfer.py --sweep --out runs/width-sweep   # widths 64, 128 x 2 checkpoints (CPU, 90 min)
+    python benchmarks/transfer.py --sweep --widths 192 384 --methods grft-row-k1 grft-row-k1-plain random-row-k1 \\
+        lowest-row-k1 score-grasp linear bias --device cuda --out runs/width-sweep-gpu   # on a GPU machine
 """
 from __future__ import annotations
 
@@ -35,6 +42,9 @@ import math
 import multiprocessing
 import os
 import platform
+import resource
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,7 +73,9 @@ from grft_vision.training import (DistributedContext, ImageBatches, Monitor, Pre
 
 __all__ = [
     "Settings", "FULL", "QUICK", "Method", "MethodContext", "Prepared", "METHODS", "register", "grft_method",
-    "pretrain", "finetune", "run_benchmark", "tune", "summarise", "to_markdown", "plot", "main",
+    "pretrain", "state_sha256", "random_generator", "finetune", "run_benchmark", "tune", "summarise", "to_markdown",
+    "plot", "Sweep", "SWEEP", "QUICK_SWEEP", "SWEEP_METHODS", "SWEEP_CORE", "SWEEP_PAIRS", "checkpoint_name",
+    "run_sweep", "load_sweep", "paired_difference", "summarise_sweep", "sweep_markdown", "plot_sweep", "main",
 ]
 
 PRETRAIN_VERSION = 2  # bump when the source data or the pre-training recipe changes (invalidates the cache)
@@ -110,6 +122,7 @@ class Settings:
     seeds: tuple[int, ...] = (0, 1, 2)
     num_subsets: int = 4  # the n > 1 variant of the lowest-loss subset
     methods: tuple[str, ...] | None = None  # None: DEFAULT_METHODS
+    device: str = "cpu"  # where pre-training and fine-tuning run ("cuda" on a GPU machine)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,7 +135,8 @@ class Settings:
     def pretrain_key(self, workers: int = 1) -> str:
         """Cache key of the pre-trained weights: every setting that changes them, and the process count."""
         fields = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "source_images", "source_val_images",
-                  "pretrain_epochs", "pretrain_batch_size", "pretrain_lr", "pretrain_weight_decay", "pretrain_seed")
+                  "pretrain_epochs", "pretrain_batch_size", "pretrain_lr", "pretrain_weight_decay", "pretrain_seed",
+                  "device")
         payload = json.dumps({"version": PRETRAIN_VERSION, "workers": workers,
                               **{f: getattr(self, f) for f in fields}}, sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:16]
@@ -202,6 +216,7 @@ def _pretrain_rank(rank: int, world: int, settings_dict: dict, init_file: str, o
     Each process holds the source images whose id is its rank modulo ``world``, runs one thread, and
     averages gradients with the others (DistributedDataParallel over gloo): under load, one thread per
     process is far faster than one process with several OpenMP threads, which spin-wait for each other.
+    On a GPU (``settings.device``) it runs as one process, the data held on the device.
     """
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -214,14 +229,15 @@ def _pretrain_rank(rank: int, world: int, settings_dict: dict, init_file: str, o
     start = time.perf_counter()
     seed, size = settings.pretrain_seed, settings.img_size
     images, labels = transfer_data.make_source(settings.source_images, seed, size, shard=(rank, world))
-    x, y = to_tensor(images), torch.from_numpy(labels)
+    device = torch.device(settings.device)
+    x, y = to_tensor(images).to(device), torch.from_numpy(labels).to(device)
     if rank == 0:
         val_images, val_labels = transfer_data.make_source(settings.source_val_images, seed, size,
                                                            offset=settings.source_images)
-        xv, yv = to_tensor(val_images), torch.from_numpy(val_labels)
+        xv, yv = to_tensor(val_images).to(device), torch.from_numpy(val_labels).to(device)
     data_seconds = time.perf_counter() - start
     torch.manual_seed(seed)
-    model = build_vit(settings, transfer_data.source_num_classes())
+    model = build_vit(settings, transfer_data.source_num_classes()).to(device)
     network = DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.pretrain_lr,
                                   weight_decay=settings.pretrain_weight_decay)
@@ -254,7 +270,7 @@ def _pretrain_rank(rank: int, world: int, settings_dict: dict, init_file: str, o
         if world > 1:
             dist.barrier()
     if rank == 0:
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, Path(out_dir, "state.pt"))
+        torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, Path(out_dir, "state.pt"))
         Path(out_dir, "info.json").write_text(json.dumps({
             "history": history, "data_seconds": data_seconds, "steps": total_steps, "batch_size": batch * world,
             "source_val_top1": history[-1]["source_val_top1"] if history else None,
@@ -269,19 +285,22 @@ def pretrain(settings: Settings, cache_dir: Path | None, log: Callable[[str], No
 
     ``workers`` > 1 trains data-parallel in that many processes of one thread each (the result depends on
     ``workers``, which is part of the cache key). Epoch lines go to ``log_file`` and, unless ``quiet``, to stdout.
+    On a GPU (``settings.device`` not 'cpu') it trains in one process whatever ``workers`` says.
     ``info``: seconds (of the original pre-training, even when loaded), source validation top-1, whether it
-    came from the cache, the cache key and the parameter count.
+    came from the cache, the cache key, the parameter count and ``sha256``, the hash of the weights
+    (:func:`state_sha256`, recomputed on every load).
     """
-    workers = max(1, workers)
+    workers = max(1, workers) if settings.device == "cpu" else 1
     key = settings.pretrain_key(workers)
     if cache_dir is not None:
         weights, meta = cache_dir / f"vit-{key}.pt", cache_dir / f"vit-{key}.json"
         if weights.is_file() and meta.is_file():
             info = json.loads(meta.read_text())
+            state = torch.load(weights, map_location="cpu", weights_only=True)
             log(f"pre-training: loaded from cache {weights} (took {info['seconds']:.0f} s when made, "
                 f"source val top-1 {info['source_val_top1']:.3f})")
-            return torch.load(weights, map_location="cpu"), {**info, "from_cache": True}
-    start = time.perf_counter()
+            return state, {**info, "sha256": state_sha256(state), "from_cache": True}
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     with tempfile.TemporaryDirectory(prefix="grft-pretrain-") as tmp:
         args = (workers, settings.to_dict(), str(Path(tmp, "init")), tmp,
                 None if log_file is None else str(log_file), quiet)
@@ -295,11 +314,12 @@ def pretrain(settings: Settings, cache_dir: Path | None, log: Callable[[str], No
             import torch.multiprocessing as torch_mp
 
             torch_mp.spawn(_pretrain_rank, args=args, nprocs=workers, join=True)
-        state = torch.load(Path(tmp, "state.pt"), map_location="cpu")
+        state = torch.load(Path(tmp, "state.pt"), map_location="cpu", weights_only=True)
         made = json.loads(Path(tmp, "info.json").read_text())
-    info = {"key": key, "seconds": time.perf_counter() - start, **made,
+    info = {"key": key, "seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu_start, **made,
             "source_classes": transfer_data.source_num_classes(), "workers": workers,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "from_cache": False}
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "sha256": state_sha256(state),
+            "from_cache": False}
     log(f"pre-training: {info['seconds']:.0f} s, source val top-1 {info['source_val_top1']:.3f}")
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -308,6 +328,22 @@ def pretrain(settings: Settings, cache_dir: Path | None, log: Callable[[str], No
         os.replace(tmp_file, cache_dir / f"vit-{key}.pt")
         (cache_dir / f"vit-{key}.json").write_text(json.dumps(info, indent=1))
     return state, info
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (user + system, seconds): the cost on idle cores."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: every tensor's name, dtype, shape and bytes, in name order (hex digest)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -333,9 +369,10 @@ class Prepared:
 
 @dataclass
 class MethodContext:
-    """What a method may use to prepare a model: the target's training data (never its test split),
-    the seed, the data config, and the benchmark-wide choices (L2 lambda, LoRA rank, subsets)."""
+    """What a method may use to prepare a model: the target's name and training data (never its test
+    split), the seed, the data config, and the benchmark-wide choices (L2 lambda, LoRA rank, subsets)."""
 
+    target: str
     seed: int
     num_classes: int
     train_images: np.ndarray
@@ -490,10 +527,18 @@ def _uniform_share(model: nn.Module, config: GRFTConfig) -> float:
     return float(np.mean(shares))
 
 
+def random_generator(target: str, seed: int) -> torch.Generator:
+    """The generator of the random-rows control: its own stream per (target, seed), so that the rows are
+    drawn independently for every target and every seed (a stable hash, not Python's salted ``hash``)."""
+    digest = hashlib.sha256(f"random-rows/{target}/{seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def _chooser_scores(model: nn.Module, config: GRFTConfig, real: dict[str, torch.Tensor], chooser: str,
-                    seed: int) -> dict[str, torch.Tensor]:
-    """Scores that make ``apply_grft`` pick random candidates or the lowest-scored ones."""
-    generator = torch.Generator().manual_seed(10_000 + seed)
+                    target: str, seed: int) -> dict[str, torch.Tensor]:
+    """CPU scores that make ``apply_grft`` pick random candidates (drawn per target and seed, layer after
+    layer from one stream) or the lowest-scored ones."""
+    generator = random_generator(target, seed)
     scores = {}
     for name, layer in find_target_layers(model, config).items():
         key = f"{name}.weight"
@@ -527,8 +572,9 @@ def grft_method(structure: str, k: int, *, chooser: str | ScoreFn = "gradient", 
         structure: 'row', 'column' or 'sparse' (GPS).
         k: rows / columns / entries per row per weight.
         chooser: 'gradient' (the library's SupCon selection, ``apply_grft(..., dataloader=...)``), 'random'
-            (uniformly random candidates at the same k), 'lowest' (the lowest-scored candidates), or a salience
-            function ``(model, ctx, config) -> {weight name: score of the weight's shape}`` (e.g. another
+            (uniformly random candidates at the same k, drawn independently per target and seed), 'lowest'
+            (the lowest-scored candidates), or a salience function
+            ``(model, ctx, config) -> {weight name: score of the weight's shape}`` (e.g. another
             paper's importance measure; the chosen candidates are then the top-k of its scores, wrapped and
             trained exactly as GRFT's). For every chooser but 'gradient' the SupCon gradient scores are still
             computed, to record how much of them the choice holds.
@@ -566,11 +612,12 @@ def grft_method(structure: str, k: int, *, chooser: str | ScoreFn = "gradient", 
                                            budgets=model.grft_state.budgets)
         else:
             # the gradient scores are computed anyway, to measure how much of them the control captures
-            real = compute_scores(model, ctx.selection_loader(config.selection_views, augment), config,
-                                  progress=False).scores
-            scores = chooser(model, ctx, config) if callable(chooser) else _chooser_scores(model, config, real,
-                                                                                          chooser, ctx.seed)
-            apply_grft(model, scores=scores, config=config)
+            real = {name: score.cpu() for name, score in compute_scores(
+                model, ctx.selection_loader(config.selection_views, augment), config, progress=False).scores.items()}
+            scores = chooser(model, ctx, config) if callable(chooser) else _chooser_scores(
+                model, config, real, chooser, ctx.target, ctx.seed)
+            device = next(model.parameters()).device
+            apply_grft(model, scores={name: score.to(device) for name, score in scores.items()}, config=config)
             layers = [LayerSelection.build(layer.name, layer.structure, real[f"{layer.name}.weight"],
                                            torch.as_tensor(layer.indices))
                       for layer in model.grft_state.selection.layers]
@@ -667,19 +714,21 @@ def _run_job(job: Job) -> dict[str, Any]:
 def finetune(job: Job, settings: Settings, state: dict[str, torch.Tensor], data: transfer_data.TargetData,
              lora_rank: int) -> dict[str, Any]:
     """Prepare a fresh copy of the pre-trained model with ``job.method``, train it, return its test top-1."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if job.split == "val":
         data = data.split_validation()
     torch.manual_seed(job.seed)  # the head's initialisation
-    model = load_backbone(build_vit(settings, data.num_classes), state)
+    device = torch.device(settings.device)
+    model = load_backbone(build_vit(settings, data.num_classes), state).to(device)
     base_total = sum(p.numel() for p in model.parameters())
     head_params = sum(p.numel() for n in head_module_names(model) for p in model.get_submodule(n).parameters())
     x, y = to_tensor(data.train_images), torch.from_numpy(data.train_labels)
     loader = DataLoader(TensorDataset(x, y), batch_size=settings.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(job.seed))
     total_steps = (settings.warmup_epochs + settings.epochs) * len(loader)
-    ctx = MethodContext(job.seed, data.num_classes, data.train_images, data.train_labels, data_config(settings),
-                        settings.batch_size, job.reg_lambda, lora_rank, settings.num_subsets, total_steps)
+    ctx = MethodContext(job.target, job.seed, data.num_classes, data.train_images, data.train_labels,
+                        data_config(settings), settings.batch_size, job.reg_lambda, lora_rank, settings.num_subsets,
+                        total_steps)
     method = METHODS[job.method]
     prepared = method.prepare(model, ctx)
     prepare_seconds = time.perf_counter() - start
@@ -691,7 +740,7 @@ def finetune(job: Job, settings: Settings, state: dict[str, torch.Tensor], data:
     scheduler, total_epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=settings.epochs,
                                                   warmup_epochs=settings.warmup_epochs, warmup_lr=job.lr * 1e-3,
                                                   min_lr=job.lr * 1e-3, warmup_prefix=True)
-    context = DistributedContext()
+    context = DistributedContext(device=device)
     precision = Precision(context.device, False)
     monitor = Monitor(None)
     before_step = None
@@ -722,7 +771,7 @@ def finetune(job: Job, settings: Settings, state: dict[str, torch.Tensor], data:
         "trainable_percent": 100.0 * trainable / base_total, "final_train_loss": losses.get("task_loss"),
         "final_reg_loss": losses.get("reg_loss"), "epochs": total_epochs, "train_images": len(y),
         "test_images": len(targets), "prepare_seconds": prepare_seconds,
-        "seconds": time.perf_counter() - start, "info": prepared.info,
+        "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start, "info": prepared.info,
     }
 
 
@@ -792,10 +841,34 @@ def _machine() -> dict[str, Any]:
             "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
 
 
+def _code_version() -> dict[str, Any]:
+    """The git commit of this checkout and whether the benchmark or the package differ from it (None: no git)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--", "benchmarks", "grft_vision")
+    return {"commit": commit, "dirty": None if changes is None else bool(changes)}
+
+
+def _command(argv: Sequence[str] | None = None) -> str:
+    """The command line that ran this benchmark: ``python benchmarks/transfer.py`` and ``argv`` (default: this
+    process's arguments), run from the repository root."""
+    return shlex.join(["python", "benchmarks/transfer.py", *(sys.argv[1:] if argv is None else argv)])
+
+
 def run_benchmark(settings: Settings, out_dir: Path, cache_dir: Path | None, workers: int = 2,
                   lr: dict[str, float] | None = None, reg_lambda: float = DEFAULT_REG_LAMBDA,
-                  quiet: bool = False) -> dict[str, Any]:
-    """Pre-train (or load), fine-tune every (target, method, seed), write results.json, table.md, the plot."""
+                  quiet: bool = False, plot_file: str | None = "accuracy_vs_trainable.png",
+                  command: str | None = None) -> dict[str, Any]:
+    """Pre-train (or load), fine-tune every (target, method, seed), write results.json, table.md and, unless
+    ``plot_file`` is None, the plot. ``command``: the command line to record (default: this process's)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     log = _logger(out_dir / "log.txt", quiet)
     lr = {**DEFAULT_LR, **(lr or {})}
@@ -818,8 +891,8 @@ def run_benchmark(settings: Settings, out_dir: Path, cache_dir: Path | None, wor
     finetune_seconds = time.perf_counter() - t_fine
     results = {
         "benchmark": "transfer", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
-        "machine": _machine(), "workers": workers, "settings": settings.to_dict(), "methods": list(methods),
+        "command": command or _command(), "code": _code_version(), "machine": _machine(), "workers": workers,
+        "settings": settings.to_dict(), "methods": list(methods),
         "lr": lr, "reg_lambda": reg_lambda, "lora": lora, "pretrain": pre,
         "timing": {"pretrain_seconds": 0.0 if pre["from_cache"] else pre["seconds"],
                    "pretrain_seconds_when_made": pre["seconds"], "pretrain_from_cache": pre["from_cache"],
@@ -830,7 +903,8 @@ def run_benchmark(settings: Settings, out_dir: Path, cache_dir: Path | None, wor
     results["summary"] = summarise(results)
     t_report = time.perf_counter()
     (out_dir / "table.md").write_text(to_markdown(results))
-    plot(results, out_dir / "accuracy_vs_trainable.png")
+    if plot_file is not None:
+        plot(results, out_dir / plot_file)
     results["timing"]["report_seconds"] = time.perf_counter() - t_report
     results["timing"]["total_seconds"] = time.perf_counter() - begin
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
@@ -1055,6 +1129,313 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------------------ width sweep
+# Does gradient selection beat random rows as the model widens? The same source task, targets and protocol at
+# several widths (depth fixed, head width fixed: heads scale with the width), each width pre-trained from
+# several seeds, so that no single checkpoint decides (the GRFT - random sign flips between checkpoints).
+SWEEP_METHODS = ("grft-row-k1", "grft-row-k1-plain", "random-row-k1", "lowest-row-k1", "score-grasp", "linear",
+                 "bias")
+SWEEP_PAIRS = (("grft-row-k1", "random-row-k1"), ("grft-row-k1", "lowest-row-k1"),
+               ("grft-row-k1-plain", "random-row-k1"), ("score-grasp", "random-row-k1"), ("grft-row-k1", "bias"),
+               ("grft-row-k1", "linear"))
+PLOTTED_PAIRS = SWEEP_PAIRS[:2]  # the issue's question: GRFT - random and GRFT - lowest against width
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The width sweep: one benchmark run (:func:`run_benchmark`) per (width, pre-training seed).
+
+    The pre-training learning rate scales as ``1 / width`` from the base settings' (AdamW's rule for hidden
+    weights in muP): with the width-64 recipe's 3e-3, a width-192 model stays at chance loss for longer
+    than one at 1e-3. The fine-tuning learning rates and lambda are the benchmark's, tuned at width 64.
+
+    Attributes:
+        widths: embedding widths; ``num_heads = width / head_dim``, the depth stays the base settings'.
+        pretrain_seeds: one pre-trained checkpoint per seed at every width.
+        head_dim: width of one attention head (16: the width-64, 4-head model's).
+        methods: the fine-tuning methods, :data:`SWEEP_METHODS` by default.
+        overrides: :class:`Settings` overrides at every width.
+        per_width: :class:`Settings` overrides by width, applied last (fewer source epochs or methods at the
+            wider models); a width not listed runs the base settings (with the scaled learning rate).
+    """
+
+    widths: tuple[int, ...] = (64, 128, 192)
+    pretrain_seeds: tuple[int, ...] = (0, 1)
+    head_dim: int = 16
+    methods: tuple[str, ...] = SWEEP_METHODS
+    overrides: dict[str, Any] = field(default_factory=dict)
+    per_width: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def settings_at(self, base: Settings, width: int, pretrain_seed: int) -> Settings:
+        """The benchmark settings of one checkpoint: ``base`` resized to ``width``, then the overrides."""
+        if width <= 0 or width % self.head_dim:
+            raise ValueError(f"width {width} is not a positive multiple of the head width {self.head_dim}; "
+                             f"pick widths like {self.head_dim * 4}, {self.head_dim * 8}")
+        values = {"embed_dim": width, "num_heads": width // self.head_dim, "pretrain_seed": pretrain_seed,
+                  "pretrain_lr": base.pretrain_lr * base.embed_dim / width, "methods": self.methods,
+                  **self.overrides, **self.per_width.get(width, {})}
+        return dataclasses.replace(base, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # int keys -> str, tuples -> lists
+
+
+# What fits 90 minutes on 2 idle cores (costs measured per pre-training step and per job, docs/results.md): widths
+# 64 and 128, GRFT / random / lowest rows only, width 128 pre-trained for 7 source epochs, not 10. Widths 192 and
+# 384 with every method are the GPU command in the module docstring.
+SWEEP_CORE = ("grft-row-k1", "random-row-k1", "lowest-row-k1")
+SWEEP = Sweep(widths=(64, 128), methods=SWEEP_CORE, per_width={128: {"pretrain_epochs": 7}})
+# the pipeline check: two tiny widths, one target, two seeds (two units per checkpoint for an interval)
+QUICK_SWEEP = Sweep(widths=(16, 32), overrides={"targets": ("count",), "source_images": 512,
+                                                "source_val_images": 128})
+
+
+def checkpoint_name(width: int, pretrain_seed: int) -> str:
+    """The folder of one checkpoint's benchmark run inside the sweep's output folder."""
+    return f"width{width}-pretrain{pretrain_seed}"
+
+
+def _finished(path: Path, settings: Settings) -> dict[str, Any] | None:
+    """A checkpoint's earlier ``results.json`` if it ran with exactly these settings (a resumed sweep)."""
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    return results if results.get("settings") == json.loads(json.dumps(settings.to_dict())) else None
+
+
+def run_sweep(sweep: Sweep, base: Settings, out_dir: Path, cache_dir: Path | None, workers: int = 2,
+              lr: dict[str, float] | None = None, reg_lambda: float = DEFAULT_REG_LAMBDA,
+              quiet: bool = False, command: str | None = None) -> dict[str, Any]:
+    """Run the benchmark at every (width, pre-training seed) of ``sweep``; write ``sweep.json`` (settings,
+    code version, command, summary; the per-job results stay in each checkpoint's ``results.json``),
+    ``sweep.md`` and ``width_sweep.png``. A checkpoint whose ``results.json`` already holds the same settings
+    is not run again (an interrupted sweep resumes). ``command``: the command line to record."""
+    command = command or _command()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = _logger(out_dir / "log.txt", quiet)
+    begin = time.perf_counter()
+    runs: dict[str, dict[str, Any]] = {}
+    resumed: list[str] = []
+    for width in sweep.widths:
+        for seed in sweep.pretrain_seeds:
+            settings, name = sweep.settings_at(base, width, seed), checkpoint_name(width, seed)
+            done = _finished(out_dir / name / "results.json", settings)
+            if done is not None:
+                log(f"{name}: already done ({out_dir / name / 'results.json'}), kept")
+                runs[name] = done
+                resumed.append(name)
+                continue
+            log(f"{name}: width {width}, {settings.num_heads} heads, pre-training seed {seed}, "
+                f"{settings.pretrain_epochs} source epochs, {len(settings.methods)} methods")
+            runs[name] = run_benchmark(settings, out_dir / name, cache_dir, workers, lr, reg_lambda, quiet,
+                                       plot_file=None, command=command)
+            timing = runs[name]["timing"]
+            log(f"{name}: source val top-1 {runs[name]['pretrain']['source_val_top1']:.3f}, "
+                f"pre-training {timing['pretrain_seconds']:.0f} s, fine-tuning {timing['finetune_seconds']:.0f} s")
+    results = {
+        "benchmark": "transfer-width-sweep", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": command, "code": _code_version(), "machine": _machine(), "workers": workers,
+        "sweep": sweep.to_dict(), "base_settings": base.to_dict(),
+        "checkpoints": {name: f"{name}/results.json" for name in runs},
+        "timing": {"total_seconds": time.perf_counter() - begin,
+                   "pretrain_seconds": sum(r["timing"]["pretrain_seconds"] for r in runs.values()),
+                   "finetune_seconds": sum(r["timing"]["finetune_seconds"] for r in runs.values()),
+                   "checkpoint_seconds": {n: r["timing"]["total_seconds"] for n, r in runs.items()},
+                   # CPU time (pre-trainings made in this sweep, all fine-tuning jobs): what it costs on idle cores
+                   "cpu_seconds": sum(r["pretrain"].get("cpu_seconds", 0.0) for r in runs.values()
+                                      if not r["pretrain"]["from_cache"])
+                   + sum(j.get("cpu_seconds", 0.0) for r in runs.values() for j in r["runs"]),
+                   "resumed": resumed},
+    }
+    results["summary"] = summarise_sweep(runs)
+    (out_dir / "sweep.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "sweep.md").write_text(sweep_markdown(results["summary"]))
+    plot_sweep(results["summary"], out_dir / "width_sweep.png")
+    log(f"sweep done in {results['timing']['total_seconds']:.0f} s: {out_dir / 'sweep.md'}")
+    return results
+
+
+def load_sweep(out_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``(sweep.json, {checkpoint name: its results.json})`` of a finished sweep folder."""
+    results = json.loads((out_dir / "sweep.json").read_text())
+    return results, {name: json.loads((out_dir / path).read_text()) for name, path in results["checkpoints"].items()}
+
+
+def _confidence_interval(values: Sequence[float]) -> list[float] | None:
+    """Student-t interval of the mean (:data:`CONFIDENCE`); None for fewer than two values."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return None
+    mean, sem = float(np.mean(values)), float(np.std(values, ddof=1)) / math.sqrt(len(values))
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1)) * sem
+    return [mean - half, mean + half]
+
+
+def _test_top1(results: dict[str, Any]) -> dict[tuple[str, str, int], float]:
+    return {(r["method"], r["target"], r["seed"]): 100 * r["top1"] for r in results["runs"] if r["split"] == "test"}
+
+
+def _units(results: Sequence[dict[str, Any]], value: Callable[[dict, str, int], float | None]) -> list[float]:
+    """One value per (checkpoint, seed): ``value(top1 by key, target, seed)`` averaged over the targets,
+    for the seeds where every target has one."""
+    units = []
+    for result in results:
+        by, targets = _test_top1(result), result["settings"]["targets"]
+        for seed in result["settings"]["seeds"]:
+            values = [value(by, t, seed) for t in targets]
+            if all(v is not None for v in values):
+                units.append(float(np.mean(values)))
+    return units
+
+
+def paired_difference(results: Sequence[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
+    """``a - b`` top-1 (points) over one or more checkpoints' runs, paired on (checkpoint, target, seed).
+
+    ``mean`` and ``ci95`` (Student t) are over the units of replication, the (checkpoint, seed) runs of the
+    whole target set (the difference averaged over the targets); ``wins`` / ``ties`` / ``losses`` count the
+    single (checkpoint, target, seed) pairs. None when no pair exists (a method missing at this width).
+    """
+    def diff(by: dict, target: str, seed: int) -> float | None:
+        if (a, target, seed) in by and (b, target, seed) in by:
+            return by[(a, target, seed)] - by[(b, target, seed)]
+        return None
+
+    units = _units(results, diff)
+    if not units:
+        return None
+    flat = [d for r in results for t in r["settings"]["targets"] for s in r["settings"]["seeds"]
+            if (d := diff(_test_top1(r), t, s)) is not None]
+    return {"mean": float(np.mean(units)), "ci95": _confidence_interval(units), "units": len(units),
+            "wins": sum(d > 0 for d in flat), "ties": sum(d == 0 for d in flat), "losses": sum(d < 0 for d in flat),
+            "pairs": len(flat)}
+
+
+def _method_means(results: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Per method: mean ± std over the (checkpoint, seed) units of the top-1 averaged over the targets."""
+    methods = list(dict.fromkeys(m for r in results for m in r["methods"]))
+    means = {}
+    for method in methods:
+        units = _units(results, lambda by, t, s: by.get((method, t, s)))
+        if units:
+            means[method] = _mean_std(units)
+    return means
+
+
+def summarise_sweep(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per width: every checkpoint (pre-training seed, weight hash, source accuracy, method means, paired
+    differences) and all checkpoints pooled; the figures of ``sweep.md`` and the plot, from per-job results."""
+    widths: dict[str, Any] = {}
+    for name, result in runs.items():
+        width = str(result["settings"]["embed_dim"])
+        entry = widths.setdefault(width, {"params": result["pretrain"]["params"],
+                                          "num_heads": result["settings"]["num_heads"], "checkpoints": {}})
+        entry["checkpoints"][name] = {
+            "pretrain_seed": result["settings"]["pretrain_seed"], "sha256": result["pretrain"]["sha256"],
+            "source_val_top1": 100 * result["pretrain"]["source_val_top1"],
+            "pretrain_epochs": result["settings"]["pretrain_epochs"], "methods": _method_means([result]),
+            "paired": {f"{a} - {b}": paired_difference([result], a, b) for a, b in SWEEP_PAIRS}}
+    for width, entry in widths.items():
+        results = [r for r in runs.values() if str(r["settings"]["embed_dim"]) == width]
+        entry["pooled"] = {"methods": _method_means(results),
+                           "paired": {f"{a} - {b}": paired_difference(results, a, b) for a, b in SWEEP_PAIRS}}
+    return {"confidence": CONFIDENCE, "pairs": [f"{a} - {b}" for a, b in SWEEP_PAIRS],
+            "widths": dict(sorted(widths.items(), key=lambda item: int(item[0])))}
+
+
+def _pair_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "—"
+    interval = "" if entry["ci95"] is None else f" [{entry['ci95'][0]:+.1f}, {entry['ci95'][1]:+.1f}]"
+    return f"{entry['mean']:+.2f}{interval} ({entry['wins']}/{entry['ties']}/{entry['losses']})"
+
+
+def sweep_markdown(summary: dict[str, Any]) -> str:
+    """The sweep's two tables: accuracy per method, and the paired differences, per checkpoint and pooled."""
+    methods = [m for m in SWEEP_METHODS if any(m in w["pooled"]["methods"] for w in summary["widths"].values())]
+    names = [pair.replace(" - ", " − ") for pair in summary["pairs"]]
+    lines = ["| width (heads) | checkpoint: pre-training seed, weights sha256 | source epochs | source val top-1 | "
+             + " | ".join(methods) + " |", "|---|---|---:|---:|" + "---:|" * len(methods)]
+    diffs = ["| width | checkpoint | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for width, entry in summary["widths"].items():
+        for name, ckpt in entry["checkpoints"].items():
+            head = f"| {width} ({entry['num_heads']}) | seed {ckpt['pretrain_seed']}, `{ckpt['sha256'][:12]}`"
+            lines.append(f"{head} | {ckpt['pretrain_epochs']} | {ckpt['source_val_top1']:.1f} | "
+                         + " | ".join(_cell(ckpt["methods"].get(m)) for m in methods) + " |")
+            diffs.append(f"| {width} | seed {ckpt['pretrain_seed']} | "
+                         + " | ".join(_pair_cell(ckpt["paired"].get(p)) for p in summary["pairs"]) + " |")
+        seeds = ", ".join(str(c["pretrain_seed"]) for c in entry["checkpoints"].values())
+        lines.append(f"| **{width}** ({entry['num_heads']}) | **pooled** (seeds {seeds}) | | | "
+                     + " | ".join(f"**{_cell(entry['pooled']['methods'].get(m))}**" for m in methods) + " |")
+        diffs.append(f"| **{width}** | **pooled** | "
+                     + " | ".join(f"**{_pair_cell(entry['pooled']['paired'].get(p))}**" for p in summary["pairs"])
+                     + " |")
+    level = f"{100 * summary['confidence']:.0f}"
+    lines += ["", "Top-1 (%) averaged over the targets, mean ± std over the (checkpoint, seed) runs.", ""]
+    diffs += ["", f"Paired difference in top-1 points (same checkpoint, target and seed): mean [{level} % confidence "
+                  "interval, Student t over the (checkpoint, seed) runs of the whole target set] (wins/ties/losses "
+                  "over the single target × seed pairs)."]
+    return "\n".join(lines + diffs) + "\n"
+
+
+def plot_sweep(summary: dict[str, Any], path: Path) -> Path:
+    """Left: the paired differences of :data:`PLOTTED_PAIRS` against width (pooled mean, confidence interval
+    as error bar, each checkpoint's mean as a small marker); right: each method's mean top-1 against width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = [int(w) for w in summary["widths"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
+    for i, (a, b) in enumerate(PLOTTED_PAIRS):
+        pair, offset = f"{a} - {b}", (i - (len(PLOTTED_PAIRS) - 1) / 2) * 0.03 * (max(widths) - min(widths) or 1)
+        xs, means, low, high = [], [], [], []
+        for width, entry in summary["widths"].items():
+            pooled = entry["pooled"]["paired"].get(pair)
+            if pooled is None:
+                continue
+            xs.append(int(width) + offset)
+            means.append(pooled["mean"])
+            interval = pooled["ci95"] or [pooled["mean"]] * 2
+            low.append(pooled["mean"] - interval[0])
+            high.append(interval[1] - pooled["mean"])
+            for ckpt in entry["checkpoints"].values():
+                if ckpt["paired"].get(pair) is not None:
+                    left.plot(int(width) + offset, ckpt["paired"][pair]["mean"], "o", mfc="none", ms=5,
+                              color=f"C{i}", alpha=0.7)
+        left.errorbar(xs, means, yerr=[low, high], fmt="-s", color=f"C{i}", capsize=4,
+                      label=pair.replace(" - ", " − "))
+    left.plot([], [], "o", mfc="none", color="gray", label="one checkpoint (mean over its seeds)")
+    left.axhline(0.0, color="black", lw=0.8)
+    left.set_xticks(widths)
+    left.set_xlabel("model width (embedding dimension)")
+    left.set_ylabel("paired difference in top-1 (points)")
+    left.set_title(f"pooled over checkpoints, {100 * summary['confidence']:.0f} % confidence interval")
+    left.grid(True, alpha=0.3)
+    left.legend(fontsize=8)
+    spread = 0.012 * (max(widths) - min(widths) or 1)
+    for i, method in enumerate(SWEEP_METHODS):
+        points = [(int(w), e["pooled"]["methods"][method]) for w, e in summary["widths"].items()
+                  if method in e["pooled"]["methods"]]
+        if points:
+            shift = (i - (len(SWEEP_METHODS) - 1) / 2) * spread
+            right.errorbar([p[0] + shift for p in points], [p[1][0] for p in points], yerr=[p[1][1] for p in points],
+                           fmt="-o", capsize=3, color=f"C{i}", label=method)
+    right.set_xticks(widths)
+    right.set_xlabel("model width (embedding dimension)")
+    right.set_ylabel("top-1 (%), mean over targets")
+    right.set_title("accuracy (error bar: std over checkpoints × seeds)")
+    right.grid(True, alpha=0.3)
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def _parse_lr(values: list[str]) -> dict[str, float]:
     parsed = {}
@@ -1071,6 +1452,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny settings, no cache: a pipeline check")
     parser.add_argument("--tune", action="store_true", help="choose learning rates and lambda on validation splits")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the width sweep: the benchmark at every width and pre-training seed (--widths, "
+                             "--pretrain-seeds), with the sweep's methods unless --methods")
+    parser.add_argument("--widths", nargs="+", type=int, default=None,
+                        help=f"sweep widths (default {' '.join(map(str, SWEEP.widths))}; "
+                             f"heads = width / {SWEEP.head_dim})")
+    parser.add_argument("--pretrain-seeds", nargs="+", type=int, default=None,
+                        help=f"sweep: one checkpoint per seed (default {' '.join(map(str, SWEEP.pretrain_seeds))})")
+    parser.add_argument("--device", default="cpu", help="where to pre-train and fine-tune: cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", type=Path, default=Path("runs/transfer"), help="output directory")
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/grft_vision/transfer").expanduser(),
                         help="where the pre-trained checkpoint is cached")
@@ -1090,8 +1480,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reg-lambda", type=float, default=DEFAULT_REG_LAMBDA, help="GRFT's L2 lambda")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        raise SystemExit(f"--device {args.device}: torch sees no such device (CUDA available: "
+                         f"{torch.cuda.is_available()}); use --device cpu or run on a GPU machine")
+    if args.sweep and args.tune:
+        raise SystemExit("--sweep and --tune are separate runs; pick one")
     settings = QUICK if args.quick else FULL
-    overrides = {}
+    overrides: dict[str, Any] = {"device": args.device}
     overrides["methods"] = tuple(args.methods) if args.methods else SUITES[args.suite]
     if args.targets:
         overrides["targets"] = tuple(args.targets)
@@ -1101,11 +1496,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["epochs"] = args.epochs
     settings = dataclasses.replace(settings, **overrides)
     cache_dir = None if (args.no_cache or args.quick) else args.cache_dir
+    if args.sweep:
+        sweep = QUICK_SWEEP if args.quick else SWEEP
+        sweep = dataclasses.replace(sweep, widths=tuple(args.widths or sweep.widths),
+                                    pretrain_seeds=tuple(args.pretrain_seeds or sweep.pretrain_seeds),
+                                    methods=tuple(args.methods or sweep.methods))
+        results = run_sweep(sweep, settings, args.out, cache_dir, args.workers, _parse_lr(args.lr), args.reg_lambda,
+                            args.quiet, _command(argv))
+        if not args.quiet:
+            print(sweep_markdown(results["summary"]))
+        return 0
+    if args.widths or args.pretrain_seeds:
+        raise SystemExit("--widths and --pretrain-seeds belong to the width sweep; add --sweep")
     if args.tune:
         tune(settings, args.out, cache_dir, args.workers, args.quiet)
         return 0
     results = run_benchmark(settings, args.out, cache_dir, args.workers, _parse_lr(args.lr), args.reg_lambda,
-                            args.quiet)
+                            args.quiet, command=_command(argv))
     if not args.quiet:
         print(to_markdown(results))
     return 0

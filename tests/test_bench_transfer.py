@@ -190,6 +190,9 @@ def test_pretrain_cache_is_keyed_by_settings(tmp_path):
     again, info2 = transfer.pretrain(tiny, tmp_path, log=lambda _: None)
     assert info2["from_cache"] is True and info2["seconds"] == pytest.approx(info["seconds"])
     assert all(torch.equal(state[k], again[k]) for k in state)
+    assert info["sha256"] == info2["sha256"] == transfer.state_sha256(state)  # the weights' identity, recomputed
+    again["cls_token"] = again["cls_token"] + 1e-6
+    assert transfer.state_sha256(again) != info["sha256"]
     other = dataclasses.replace(tiny, pretrain_seed=1)
     assert other.pretrain_key() != tiny.pretrain_key()
 
@@ -218,3 +221,144 @@ def test_target_data_is_few_shot_balanced_and_reproducible():
         assert len(val.train_labels) == 32 and len(val.test_labels) == 8
     images, labels = transfer_data.make_source(10, seed=0)
     assert images.shape == (10, 32, 32, 3) and list(labels) == list(range(10))
+
+
+def test_random_rows_are_drawn_per_target_and_per_seed(quick):
+    _, _, results = quick
+    first = transfer.random_generator("count", 0).initial_seed()
+    assert first == transfer.random_generator("count", 0).initial_seed()  # reproducible
+    assert len({first, transfer.random_generator("digits", 0).initial_seed(),
+                transfer.random_generator("count", 1).initial_seed()}) == 3
+    random_rows = results["summary"]["selection"]["random-row-k1"]
+    # one row of 32-96 per layer: independent draws rarely coincide (the old control gave 1.0 across targets)
+    assert random_rows["jaccard_across_targets"] < 0.5 and random_rows["jaccard_across_seeds"] < 0.5
+
+
+def test_device_without_cuda_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match="--device cuda: torch sees no such device"):
+        transfer.main(["--quick", "--device", "cuda", "--out", str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------------------ width sweep
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """The --quick width sweep (2 widths x 2 pre-training seeds) through the command line, one worker."""
+    out = tmp_path_factory.mktemp("sweep")
+    assert transfer.main(["--sweep", "--quick", "--out", str(out), "--workers", "1", "--quiet"]) == 0
+    return out, json.loads((out / "sweep.json").read_text())
+
+
+def test_quick_sweep_runs_every_width_checkpoint_and_method(sweep):
+    out, results = sweep
+    spec = transfer.QUICK_SWEEP
+    assert list(results["checkpoints"]) == [transfer.checkpoint_name(w, s) for w in spec.widths
+                                            for s in spec.pretrain_seeds]
+    assert results["code"]["commit"] and len(results["code"]["commit"]) == 40
+    assert "--sweep" in results["command"] and results["sweep"]["widths"] == list(spec.widths)
+    png = (out / "width_sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    summary = results["summary"]
+    assert list(summary["widths"]) == [str(w) for w in spec.widths]
+    for width, entry in summary["widths"].items():
+        checkpoints = entry["checkpoints"]
+        assert entry["num_heads"] == int(width) // spec.head_dim and len(checkpoints) == len(spec.pretrain_seeds)
+        hashes = {c["sha256"] for c in checkpoints.values()}
+        assert len(hashes) == len(checkpoints) and all(len(h) == 64 for h in hashes)  # one checkpoint per seed
+        for ckpt in checkpoints.values():
+            assert 0.0 <= ckpt["source_val_top1"] <= 100.0
+            assert set(ckpt["methods"]) == set(transfer.SWEEP_METHODS)
+        for pair in summary["pairs"]:
+            pooled = entry["pooled"]["paired"][pair]
+            parts = [c["paired"][pair] for c in checkpoints.values()]
+            assert pooled["units"] == sum(p["units"] for p in parts) == 2 * len(transfer.QUICK.seeds)
+            for key in ("wins", "ties", "losses", "pairs"):
+                assert pooled[key] == sum(p[key] for p in parts)
+            assert pooled["mean"] == pytest.approx(np.mean([p["mean"] for p in parts]))  # equal units per checkpoint
+            assert pooled["ci95"][0] <= pooled["mean"] <= pooled["ci95"][1]
+    table = (out / "sweep.md").read_text()
+    assert table == transfer.sweep_markdown(summary) and "**pooled**" in table
+
+
+def test_sweep_summary_is_recomputed_from_the_per_job_results(sweep):
+    out, results = sweep
+    stored, runs = transfer.load_sweep(out)
+    assert stored == results
+    assert json.loads(json.dumps(transfer.summarise_sweep(runs))) == results["summary"]
+    for name, run in runs.items():  # every checkpoint's file holds its raw jobs, code version and hash
+        assert len(run["runs"]) == len(run["settings"]["targets"]) * len(run["methods"]) * len(run["settings"]["seeds"])
+        assert run["pretrain"]["sha256"] == results["summary"]["widths"][str(run["settings"]["embed_dim"])][
+            "checkpoints"][name]["sha256"]
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning(sweep):
+    out, results = sweep
+    assert transfer.main(["--sweep", "--quick", "--out", str(out), "--workers", "1", "--quiet"]) == 0
+    again = json.loads((out / "sweep.json").read_text())
+    assert again["timing"]["resumed"] == list(results["checkpoints"])
+    assert again["summary"] == results["summary"]
+
+
+def _fake_results(top1: dict[tuple[str, str, int], float], seeds=(0, 1, 2), targets=("a", "b")) -> dict:
+    runs = [{"method": m, "target": t, "seed": s, "split": "test", "top1": v} for (m, t, s), v in top1.items()]
+    return {"runs": runs, "methods": sorted({m for m, _, _ in top1}),
+            "settings": {"targets": list(targets), "seeds": list(seeds)}}
+
+
+def test_paired_difference_is_over_checkpoint_seed_units_with_a_t_interval():
+    from scipy import stats
+
+    gaps = {0: (0.02, 0.04), 1: (0.00, -0.01), 2: (0.03, 0.03)}  # (target a, target b) per seed
+    top1 = {}
+    for seed, (ga, gb) in gaps.items():
+        top1.update({("x", "a", seed): 0.5 + ga, ("y", "a", seed): 0.5, ("x", "b", seed): 0.6 + gb,
+                     ("y", "b", seed): 0.6})
+    one = transfer.paired_difference([_fake_results(top1)], "x", "y")
+    units = [100 * (ga + gb) / 2 for ga, gb in gaps.values()]  # 3, -0.5, 3 points
+    assert one["mean"] == pytest.approx(np.mean(units)) and one["units"] == 3
+    half = stats.t.ppf(0.975, 2) * np.std(units, ddof=1) / np.sqrt(3)
+    assert one["ci95"] == pytest.approx([np.mean(units) - half, np.mean(units) + half])
+    assert (one["wins"], one["ties"], one["losses"], one["pairs"]) == (4, 1, 1, 6)
+    pooled = transfer.paired_difference([_fake_results(top1), _fake_results(top1)], "x", "y")
+    assert pooled["units"] == 6 and pooled["pairs"] == 12 and pooled["mean"] == pytest.approx(one["mean"])
+    assert pooled["ci95"][1] - pooled["ci95"][0] < one["ci95"][1] - one["ci95"][0]
+    assert transfer.paired_difference([_fake_results(top1)], "x", "missing") is None
+    partial = {k: v for k, v in top1.items() if k != ("x", "b", 2)}  # seed 2 lacks a target: not a unit
+    assert transfer.paired_difference([_fake_results(partial)], "x", "y")["units"] == 2
+
+
+def test_sweep_settings_scale_heads_and_apply_width_overrides():
+    spec = transfer.Sweep(widths=(64, 128), per_width={128: {"pretrain_epochs": 3, "methods": ("linear",)}},
+                          overrides={"seeds": (0,)})
+    narrow, wide = spec.settings_at(transfer.FULL, 64, 1), spec.settings_at(transfer.FULL, 128, 0)
+    assert (narrow.embed_dim, narrow.num_heads, narrow.pretrain_seed, narrow.seeds) == (64, 4, 1, (0,))
+    assert narrow.pretrain_epochs == transfer.FULL.pretrain_epochs and narrow.methods == transfer.SWEEP_METHODS
+    assert (wide.num_heads, wide.pretrain_epochs, wide.methods) == (8, 3, ("linear",))
+    assert narrow.pretrain_lr == transfer.FULL.pretrain_lr and wide.pretrain_lr == transfer.FULL.pretrain_lr / 2
+    assert narrow.pretrain_key() != spec.settings_at(transfer.FULL, 64, 0).pretrain_key()
+    with pytest.raises(ValueError, match="width 72 is not a positive multiple of the head width 16"):
+        spec.settings_at(transfer.FULL, 72, 0)
+    with pytest.raises(SystemExit, match="add --sweep"):
+        transfer.main(["--quick", "--widths", "64"])
+
+
+# ------------------------------------------------------------------------------- the committed sweep
+_ROOT = Path(__file__).resolve().parents[1]
+SWEEP_DIR = _ROOT / "docs" / "results" / "width-sweep"
+TABLE_START, TABLE_END = "<!-- width-sweep table: start -->", "<!-- width-sweep table: end -->"
+
+
+def test_results_md_sweep_table_is_what_the_committed_json_gives():
+    """docs/results.md's sweep tables, recomputed from the committed per-job results (the sweep is not run)."""
+    stored, runs = transfer.load_sweep(SWEEP_DIR)
+    table = transfer.sweep_markdown(transfer.summarise_sweep(runs))
+    assert table == transfer.sweep_markdown(stored["summary"]) == (SWEEP_DIR / "sweep.md").read_text()
+    doc = (_ROOT / "docs" / "results.md").read_text()
+    assert doc.count(TABLE_START) == 1 and doc.count(TABLE_END) == 1
+    assert doc.split(TABLE_START)[1].split(TABLE_END)[0].strip() == table.strip()
+    # the code (of the sweep and of every checkpoint's jobs, clean checkouts) and the command are in the page
+    for code in [stored["code"], *(run["code"] for run in runs.values())]:
+        assert code["dirty"] is False and len(code["commit"]) == 40 and code["commit"] in doc
+    assert stored["command"] in doc
+    assert (SWEEP_DIR / "width_sweep.png").is_file() and "results/width-sweep/width_sweep.png" in doc

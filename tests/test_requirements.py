@@ -142,11 +142,7 @@ def _torch_load_calls_without_weights_only(folder: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("folder", [
-    "grft_vision",
-    pytest.param("benchmarks", marks=pytest.mark.xfail(strict=True, reason="benchmarks/transfer.py (its owner's "
-                                                       "file) still relies on torch.load's default")),
-])
+@pytest.mark.parametrize("folder", ["grft_vision", "benchmarks"])
 def test_torch_load_says_weights_only(folder):
     """torch.load's default changed in torch 2.6 (weights_only=True); with a lower bound of 2.3, say it."""
     assert _torch_load_calls_without_weights_only(REPO / folder) == []
