@@ -876,7 +876,7 @@ def run_benchmark(settings: Settings, out_dir: Path, cache_dir: Path | None, wor
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; registered: {', '.join(METHODS)}")
-    begin = time.perf_counter()
+    begin, code = time.perf_counter(), _code_version()  # the code that runs, not the checkout at the end
     state, pre = pretrain(settings, cache_dir, log, workers, out_dir / "log.txt", quiet)
     t_targets = time.perf_counter()
     targets = _make_targets(settings)
@@ -891,7 +891,7 @@ def run_benchmark(settings: Settings, out_dir: Path, cache_dir: Path | None, wor
     finetune_seconds = time.perf_counter() - t_fine
     results = {
         "benchmark": "transfer", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": command or _command(), "code": _code_version(), "machine": _machine(), "workers": workers,
+        "command": command or _command(), "code": code, "machine": _machine(), "workers": workers,
         "settings": settings.to_dict(), "methods": list(methods),
         "lr": lr, "reg_lambda": reg_lambda, "lora": lora, "pretrain": pre,
         "timing": {"pretrain_seconds": 0.0 if pre["from_cache"] else pre["seconds"],
@@ -920,7 +920,7 @@ def tune(settings: Settings, out_dir: Path, cache_dir: Path | None, workers: int
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     log = _logger(out_dir / "log.txt", quiet)
-    begin = time.perf_counter()
+    begin, code = time.perf_counter(), _code_version()  # the code that runs, not the checkout at the end
     state, pre = pretrain(settings, cache_dir, log, workers, out_dir / "log.txt", quiet)
     targets = _make_targets(settings)
     lora = choose_lora_rank(settings)
@@ -941,7 +941,7 @@ def tune(settings: Settings, out_dir: Path, cache_dir: Path | None, workers: int
                for value in TUNE_LAMBDA_GRID}
     lambdas_zero = table["grft"][chosen_lr["grft"]]  # the lr search ran GRFT row k=1 with L2 off
     chosen_lambda = max(lambdas, key=lambdas.get)
-    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "code": code, "machine": _machine(),
               "settings": settings.to_dict(), "pretrain": pre, "lr_grid": {f: list(g) for f, g in TUNE_LR_GRID.items()},
               "lr_method": TUNE_LR_METHOD, "val_top1_by_lr": {f: {str(k): v for k, v in s.items()} for f, s in table.items()},
               "chosen_lr": chosen_lr, "val_top1_by_lambda": {str(k): v for k, v in lambdas.items()},
@@ -1211,7 +1211,7 @@ def run_sweep(sweep: Sweep, base: Settings, out_dir: Path, cache_dir: Path | Non
     code version, command, summary; the per-job results stay in each checkpoint's ``results.json``),
     ``sweep.md`` and ``width_sweep.png``. A checkpoint whose ``results.json`` already holds the same settings
     is not run again (an interrupted sweep resumes). ``command``: the command line to record."""
-    command = command or _command()
+    command, code = command or _command(), _code_version()
     out_dir.mkdir(parents=True, exist_ok=True)
     log = _logger(out_dir / "log.txt", quiet)
     begin = time.perf_counter()
@@ -1235,7 +1235,7 @@ def run_sweep(sweep: Sweep, base: Settings, out_dir: Path, cache_dir: Path | Non
                 f"pre-training {timing['pretrain_seconds']:.0f} s, fine-tuning {timing['finetune_seconds']:.0f} s")
     results = {
         "benchmark": "transfer-width-sweep", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": command, "code": _code_version(), "machine": _machine(), "workers": workers,
+        "command": command, "code": code, "machine": _machine(), "workers": workers,
         "sweep": sweep.to_dict(), "base_settings": base.to_dict(),
         "checkpoints": {name: f"{name}/results.json" for name in runs},
         "timing": {"total_seconds": time.perf_counter() - begin,
