@@ -24,12 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESNET = {"layers": [1, 1, 1, 1], "num_classes": 5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

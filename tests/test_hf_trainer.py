@@ -23,12 +23,7 @@ from grft_vision.llm import load_classifier
 VOCAB, LENGTH = 4000, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Sequences(Dataset):

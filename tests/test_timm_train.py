@@ -30,12 +30,7 @@ ARGS = Namespace(model="vit_tiny_patch16_224", num_classes=4, model_kwargs={"img
 EPOCHS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
