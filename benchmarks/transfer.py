@@ -1353,9 +1353,11 @@ def _pair_cell(entry: dict[str, Any] | None) -> str:
 
 
 def sweep_markdown(summary: dict[str, Any]) -> str:
-    """The sweep's two tables: accuracy per method, and the paired differences, per checkpoint and pooled."""
+    """The sweep's two tables: accuracy per method, and the paired differences, per checkpoint and pooled
+    (the methods and pairs that ran at some width)."""
     methods = [m for m in SWEEP_METHODS if any(m in w["pooled"]["methods"] for w in summary["widths"].values())]
-    names = [pair.replace(" - ", " − ") for pair in summary["pairs"]]
+    pairs = [p for p in summary["pairs"] if any(w["pooled"]["paired"].get(p) for w in summary["widths"].values())]
+    names = [pair.replace(" - ", " − ") for pair in pairs]
     lines = ["| width (heads) | checkpoint: pre-training seed, weights sha256 | source epochs | source val top-1 | "
              + " | ".join(methods) + " |", "|---|---|---:|---:|" + "---:|" * len(methods)]
     diffs = ["| width | checkpoint | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
@@ -1365,12 +1367,12 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"{head} | {ckpt['pretrain_epochs']} | {ckpt['source_val_top1']:.1f} | "
                          + " | ".join(_cell(ckpt["methods"].get(m)) for m in methods) + " |")
             diffs.append(f"| {width} | seed {ckpt['pretrain_seed']} | "
-                         + " | ".join(_pair_cell(ckpt["paired"].get(p)) for p in summary["pairs"]) + " |")
+                         + " | ".join(_pair_cell(ckpt["paired"].get(p)) for p in pairs) + " |")
         seeds = ", ".join(str(c["pretrain_seed"]) for c in entry["checkpoints"].values())
         lines.append(f"| **{width}** ({entry['num_heads']}) | **pooled** (seeds {seeds}) | | | "
                      + " | ".join(f"**{_cell(entry['pooled']['methods'].get(m))}**" for m in methods) + " |")
         diffs.append(f"| **{width}** | **pooled** | "
-                     + " | ".join(f"**{_pair_cell(entry['pooled']['paired'].get(p))}**" for p in summary["pairs"])
+                     + " | ".join(f"**{_pair_cell(entry['pooled']['paired'].get(p))}**" for p in pairs)
                      + " |")
     level = f"{100 * summary['confidence']:.0f}"
     lines += ["", "Top-1 (%) averaged over the targets, mean ± std over the (checkpoint, seed) runs.", ""]
