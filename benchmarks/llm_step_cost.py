@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llm_memory import LLAMA_3_2_1B, LlamaShape  # noqa: E402
 from step_cost import (ADAM_BYTES_PER_PARAM, MB, Setup, _device_name, _fmt, _fmt_ratio, add_ratios,  # noqa: E402
-                       instrumented_step, profile_step, step_detail_markdown, targets_markdown, time_interleaved,
+                       exit_status, instrumented_step, profile_step, step_detail_markdown, targets_markdown, time_interleaved,
                        train_step)
 
 from grft_vision import GRFTConfig, apply_grft, trainable_parameters_report  # noqa: E402
@@ -617,11 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.peak_memory_child is not None:
         return _child_main(args.peak_memory_child)
-    report = run(args)
-    missed = [check["target"] for check in report["targets"] if check["passed"] is False]
-    if missed:
-        print(f"{len(missed)} target(s) missed: {'; '.join(missed)}", file=sys.stderr)
-    return 1 if (missed and args.strict) else 0
+    return exit_status(run(args), args.strict)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from grft_vision import GRFTConfig, GRFTLayer, apply_grft, is_grft_model, merge_
 from grft_vision import trainable_parameters_report
 
 __all__ = ["METHODS", "DESCRIPTIONS", "Setup", "SavedTensorBytes", "train_step", "instrumented_step", "profile_step",
-           "time_interleaved", "add_ratios", "measure", "check_targets", "to_markdown", "run", "main"]
+           "time_interleaved", "add_ratios", "measure", "check_targets", "to_markdown", "run", "exit_status", "main"]
 
 METHODS = ("full", "gps-dense", "grft-row", "grft-col", "grft-sparse", "lora", "head", "floor")
 GRFT_STRUCTURES = {"grft-row": "row", "grft-col": "column", "grft-sparse": "sparse"}
@@ -885,13 +885,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    report = run(args)
+def exit_status(report: dict[str, Any], strict: bool) -> int:
+    """Print the missed targets of ``report`` to stderr; 1 when some were missed and ``strict``, else 0."""
     missed = [check["target"] for check in report["targets"] if check["passed"] is False]
     if missed:
         print(f"{len(missed)} target(s) missed: {'; '.join(missed)}", file=sys.stderr)
-    return 1 if (missed and args.strict) else 0
+    return 1 if (missed and strict) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return exit_status(run(args), args.strict)
 
 
 if __name__ == "__main__":
