@@ -10,7 +10,7 @@ import sys
 from functools import partial
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import timm
@@ -131,19 +131,27 @@ class SimulatedCrash(Exception):
     pass
 
 
+def raise_at_epoch(monkeypatch, epoch: int, error: type[BaseException]) -> Callable[..., Any]:
+    """Make the runner's ``train_one_epoch`` raise ``error`` at the start of ``epoch``; returns the original."""
+    from grft_vision.training import runner
+
+    original = runner.train_one_epoch
+
+    def raising(*positional, **named):
+        if named["epoch"] == epoch:
+            raise error
+        return original(*positional, **named)
+
+    monkeypatch.setattr(runner, "train_one_epoch", raising)
+    return original
+
+
 def crash_then_resume(main: Callable[..., int], args: list[str], monkeypatch, crash_epoch: int) -> None:
     """``main(*args)`` until a simulated crash at the start of ``crash_epoch``, then ``main(*args, '--resume')``
     to the end (``args`` name the run directory)."""
     from grft_vision.training import runner
 
-    original = runner.train_one_epoch
-
-    def crashing(*positional, **named):
-        if named["epoch"] == crash_epoch:
-            raise SimulatedCrash
-        return original(*positional, **named)
-
-    monkeypatch.setattr(runner, "train_one_epoch", crashing)
+    original = raise_at_epoch(monkeypatch, crash_epoch, SimulatedCrash)
     with pytest.raises(SimulatedCrash):
         main(*args)
     monkeypatch.setattr(runner, "train_one_epoch", original)

@@ -18,7 +18,8 @@ import yaml
 from PIL import Image
 
 from grft_vision import files
-from grft_vision.training import cli, runner
+from conftest import raise_at_epoch
+from grft_vision.training import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "vtab"
@@ -260,14 +261,7 @@ def test_unwritable_run_directory(capsys, tiny):
     (1, r"the last checkpoint is .*checkpoint\.pt; continue with the same command plus --resume"),
 ])
 def test_ctrl_c_names_the_checkpoint_and_exits_130(at_epoch, pattern, run_copy, capsys, monkeypatch, tiny):
-    original = runner.train_one_epoch
-
-    def interrupted(*args, **kwargs):
-        if kwargs["epoch"] == at_epoch:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_one_epoch", interrupted)
+    raise_at_epoch(monkeypatch, at_epoch, KeyboardInterrupt)
     code, err = call([*tiny, "--run-dir", str(run_copy), "--overwrite"], capsys)
     assert_one_line_error(code, err, pattern, expected=130, prefix="interrupted: ")
     assert (run_copy / "checkpoint.pt").exists() == (at_epoch == 1)  # --overwrite removed the old run's
