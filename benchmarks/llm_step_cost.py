@@ -267,7 +267,7 @@ def _peak_rss_bytes() -> int:
 def _import_libraries(method: str) -> None:
     """Import what building and training ``method`` loads, so that a process's baseline already holds it."""
     import transformers.models.llama.modeling_llama  # noqa: F401
-    import grft_vision.model  # noqa: F401
+    import grft_vision.api  # noqa: F401
 
     if method == "lora":
         import peft.tuners.lora  # noqa: F401

@@ -24,9 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from grft_vision import GRFTConfig, apply_grft
-from grft_vision.anatomy import find_target_layers
+from grft_vision.tuner.targets import find_target_layers
 from grft_vision.data import SyntheticImageDataset, TwoViews, contrastive_transform, create_transforms
-from grft_vision.regularization import L2ToPretrained
+from grft_vision.tuner.regularization import L2ToPretrained
 from grft_vision.selection import compute_scores
 from grft_vision.training import DistributedContext, ImageBatches, Monitor, Precision, train_one_epoch
 

@@ -64,7 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transfer_data  # noqa: E402
 
 from grft_vision import GRFTConfig, L2ToPretrained, apply_grft, trainable_parameters_report  # noqa: E402
-from grft_vision.anatomy import find_target_layers, head_module_names  # noqa: E402
+from grft_vision.tuner.anatomy import head_module_names
+from grft_vision.tuner.targets import find_target_layers  # noqa: E402
 from grft_vision.data import TwoViews, contrastive_transform, create_transforms  # noqa: E402
 from grft_vision.selection import LayerSelection, compute_scores  # noqa: E402
 from grft_vision.selection.schedules import MaskSchedule, create_schedule  # noqa: E402

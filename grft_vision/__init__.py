@@ -6,24 +6,29 @@ Public API::
 
 and the adapter lifecycle: ``set_adapter``, ``list_adapters``, ``delete_adapter``, ``merge_adapter``,
 ``unmerge_adapter``, ``disable_adapter``, ``mixed_adapters``, ``save_pretrained`` / ``from_pretrained``,
-``unload_grft``.
+``unload_grft``. The packages: :mod:`.tuner` (wrapping and applying updates), :mod:`.selection` (scores from
+data), :mod:`.io` (adapter files, checkpoints, export), :mod:`.training`, :mod:`.data`, :mod:`.llm`,
+:mod:`.integrations` (``docs/architecture.md``).
 """
-from .adapter import from_pretrained, load_adapter, save_adapter, save_pretrained
-from .anatomy import is_grft_model
-from .config import GRFTConfig
+from .api import apply_grft
+from .config import BudgetConfig, GRFTConfig, ScheduleConfig, SelectionConfig
 from .errors import (AdapterError, ConfigError, DataNotFoundError, GRFTError, ModelLoadError, SelectionError,
                      TrainingError)
-from .layers import GRFTConv2d, GRFTLayer, GRFTLinear
-from .lifecycle import delete_adapter, disable_adapter, list_adapters, merge_adapter, set_adapter, unmerge_adapter
-from .mixed_batch import mixed_adapters
-from .model import apply_grft, merge_grft, unload_grft
-from .regularization import L2ToPretrained
-from .trainable import TrainableReport, adapter_parameters, print_trainable_parameters, trainable_parameters_report
-
-__version__ = "0.1.0"
+from .io.adapters import from_pretrained, load_adapter, save_adapter, save_pretrained
+from .tuner.anatomy import is_grft_model
+from .tuner.layer import GRFTConv2d, GRFTLayer, GRFTLinear
+from .tuner.lifecycle import (delete_adapter, disable_adapter, list_adapters, merge_adapter, set_adapter,
+                              unmerge_adapter)
+from .tuner.mixed import mixed_adapters
+from .tuner.model import merge_grft, unload_grft
+from .tuner.regularization import L2ToPretrained
+from .tuner.trainable import (TrainableReport, adapter_parameters, print_trainable_parameters,
+                              trainable_parameters_report)
+from .version import __version__ as __version__
 
 __all__ = [
     "AdapterError",
+    "BudgetConfig",
     "ConfigError",
     "DataNotFoundError",
     "GRFTConfig",
@@ -33,6 +38,8 @@ __all__ = [
     "GRFTLinear",
     "L2ToPretrained",
     "ModelLoadError",
+    "ScheduleConfig",
+    "SelectionConfig",
     "SelectionError",
     "TrainableReport",
     "TrainingError",

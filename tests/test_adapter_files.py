@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import images, make_model, random_scores
 from grft_vision import AdapterError, GRFTConfig, apply_grft, from_pretrained, load_adapter, save_adapter, save_pretrained
-from grft_vision.anatomy import grft_layers
+from grft_vision.tuner.anatomy import grft_layers
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

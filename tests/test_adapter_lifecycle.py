@@ -20,8 +20,8 @@ from conftest import images, make_model, random_scores
 from grft_vision import (AdapterError, GRFTConfig, apply_grft, delete_adapter, disable_adapter, from_pretrained,
                          list_adapters, load_adapter, merge_adapter, merge_grft, mixed_adapters, save_adapter,
                          save_pretrained, set_adapter, unload_grft, unmerge_adapter)
-from grft_vision.anatomy import grft_layers
-from grft_vision.trainable import adapter_parameters
+from grft_vision.tuner.anatomy import grft_layers
+from grft_vision.tuner.trainable import adapter_parameters
 
 FAMILIES = ["vit", "swin", "convnext", "resnet", "efficientnet_same_pad", "sequential"]
 CONFIGS = {"row": {"structure": "row"}, "column": {"structure": "column"}, "sparse": {"structure": "sparse"},
@@ -246,7 +246,8 @@ def test_the_19_vtab_tasks_are_served_from_one_vit_base():
     a mixed batch."""
     import timm
 
-    from grft_vision.adapter import adapter_state, apply_adapter_state
+    from grft_vision.io.adapter_format import adapter_state
+    from grft_vision.io.adapters import apply_adapter_state
     from grft_vision.data.vtab_tasks import VTAB_TASKS
 
     torch.manual_seed(0)

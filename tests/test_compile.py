@@ -10,7 +10,7 @@ import torch
 
 from conftest import images, make_model, random_scores
 from grft_vision import GRFTConfig, apply_grft
-from grft_vision.layers import grft_layers
+from grft_vision.tuner.layer import grft_layers
 
 CONFIGS = {"row": {"structure": "row"}, "column": {"structure": "column"}, "sparse": {"structure": "sparse"},
            "tap_column": {"structure": "column", "conv_columns": "tap"}}

@@ -8,8 +8,8 @@ import timm
 import torch
 
 from grft_vision import trainable_parameters_report, unload_grft
-from grft_vision.anatomy import find_target_layers
-from grft_vision.model import add_adapter
+from grft_vision.tuner.targets import find_target_layers
+from grft_vision.tuner.model import inject as add_adapter
 from grft_vision.data import VTAB_TASKS, dataset_num_classes
 from grft_vision.config import ConfigError
 from grft_vision.training.cli import resolve_settings

@@ -15,8 +15,8 @@ from conftest import images, make_model, random_scores
 from grft_vision import (AdapterError, ConfigError, GRFTConfig, L2ToPretrained, SelectionError, apply_grft,
                          load_adapter, merge_grft, print_trainable_parameters, save_adapter,
                          trainable_parameters_report, unload_grft)
-from grft_vision.anatomy import base_tensors, grft_layers
-from grft_vision.trainable import adapter_parameters
+from grft_vision.tuner.anatomy import base_tensors, grft_layers
+from grft_vision.tuner.trainable import adapter_parameters
 from grft_vision.selection import choose_indices
 
 
@@ -193,7 +193,7 @@ def test_bfloat16_weights_and_autocast(structure):
     apply_grft(model, random_scores(model), GRFTConfig(structure=structure))
     model.to(torch.bfloat16)
     layer = dict(grft_layers(model))["blocks.0.attn.qkv"]
-    assert layer.delta.dtype == torch.float32 and model.head.parametrizations.weight[0].adapters["default"].dtype \
+    assert layer.delta.dtype == torch.float32 and model.head.grft_owned.weight.adapters["default"].dtype \
         == torch.float32  # adapter tensors stay fp32 masters through the cast
     out = model(images().to(torch.bfloat16))
     out.float().sum().backward()

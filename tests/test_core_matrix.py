@@ -13,7 +13,7 @@ import torch
 
 from conftest import images, make_model, random_scores
 from grft_vision import GRFTConfig, apply_grft, load_adapter, merge_grft, save_adapter
-from grft_vision.anatomy import grft_layers
+from grft_vision.tuner.anatomy import grft_layers
 
 # structure name -> config fields; "tap_column" is a column of the [out, in*kh*kw] view of conv weights
 STRUCTURES = ["row", "column", "sparse", "tap_column"]

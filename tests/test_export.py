@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 from grft_vision import GRFTConfig, apply_grft, load_adapter, merge_grft, save_adapter
-from grft_vision.export import export_merged, main as export_main, read_saved
+from grft_vision.export import main as export_main
+from grft_vision.io.checkpoints import read_saved
+from grft_vision.io.export import export_merged
 from grft_vision.training import cli, create_timm_model
 from grft_vision.training.config import TrainConfig, builtin_config_dir
 

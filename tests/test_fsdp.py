@@ -64,8 +64,8 @@ def test_replicated_parameters_are_the_adapter_owned_originals_and_other_dtypes(
     replicated = replicated_parameters(model)
     names = {name for name, param in model.named_parameters() if param in replicated}
     assert {name for name, param in model.named_parameters() if param.requires_grad} <= names  # fp32 updates, head
-    assert "score.parametrizations.weight.original" in names  # fp32: another dtype than the body
-    assert "model.norm.parametrizations.weight.original" in names  # an owned tensor's original
+    assert "score.grft_owned.weight.original" in names  # fp32: another dtype than the body
+    assert "model.norm.grft_owned.weight.original" in names  # an owned tensor's original
     sharded = [param for param in model.parameters() if param not in replicated]
     assert sharded and {param.dtype for param in sharded} == {torch.bfloat16}  # one dtype per FSDP group
     assert not any(param.requires_grad for param in sharded)  # FSDP never reduces a gradient

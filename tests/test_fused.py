@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from conftest import images, make_model, random_scores
 from grft_vision import GRFTConfig, apply_grft
-from grft_vision.layers import GRFTLinear, grft_layers
+from grft_vision.tuner.layer import GRFTLinear, grft_layers
 
 STRUCTURES = ["row", "column", "sparse"]
 # the families with wrapped linear layers (the others hold convolutions only, besides their heads)
@@ -110,7 +110,7 @@ def test_sparse_keeps_no_more_for_backward_than_rows():
 
 def test_sparse_chunks_of_slots_give_the_same_result(monkeypatch):
     """Large k is gathered in chunks of slots; the chunking does not change the values or gradients."""
-    from grft_vision import fused
+    from grft_vision.tuner import fused
 
     model = _trained_copy("mixer", "sparse", k=5)
     x = images(2, seed=2)
@@ -125,13 +125,14 @@ def test_sparse_chunks_of_slots_give_the_same_result(monkeypatch):
 def test_sparse_patch_embedding_equals_the_materialised_convolution(monkeypatch):
     """A ViT's patch embedding (stride = kernel) runs its sparse update over the patches; the convolution with
     the materialised weight is the reference, input gradient included."""
-    from grft_vision.layers import GRFTConv2d
+    from grft_vision.tuner.structures import SparseUpdate
 
     model = _trained_copy("vit", "sparse", k=3)
-    assert model.patch_embed.proj._has_channel_form(model.patch_embed.proj.update)
+    layer = model.patch_embed.proj
+    assert layer.update.has_channel_form(layer.geometry)
     x = images(3, seed=2)
     patches = _outputs_and_grads(model, x, weight_grads=True)
-    monkeypatch.setattr(GRFTConv2d, "_has_channel_form", lambda self, update: False)
+    monkeypatch.setattr(SparseUpdate, "has_channel_form", lambda self, geometry: False)
     materialised = _outputs_and_grads(model, x, weight_grads=True)
     torch.testing.assert_close(patches[0], materialised[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(patches[1], materialised[1], atol=1e-5, rtol=1e-5)

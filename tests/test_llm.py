@@ -25,8 +25,9 @@ from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig
 
 from grft_vision import (GRFTConfig, adapter_parameters, apply_grft, load_adapter, merge_grft, save_adapter,
                          trainable_parameters_report)
-from grft_vision.anatomy import find_target_layers, grft_layers
-from grft_vision.model import add_adapter
+from grft_vision.tuner.layer import grft_layers
+from grft_vision.tuner.targets import find_target_layers
+from grft_vision.tuner.model import inject as add_adapter
 from grft_vision.data import DataNotFoundError
 from grft_vision.llm import (GlueDataset, GlueExample, GlueTrainConfig, PadCollate, SequenceTooLongError,
                              TokenFeatures, final_hidden_state, glue_metrics, last_token_index, load_classifier,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from grft_vision import GRFTConfig, SelectionError, apply_grft, trainable_parameters_report
-from grft_vision.anatomy import grft_layers
+from grft_vision.tuner.anatomy import grft_layers
 from grft_vision.selection import compute_scores
 from grft_vision.selection.budget import allocate_units, weight_entropy
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from grft_vision import GRFTConfig, L2ToPretrained, apply_grft, load_adapter, merge_grft, save_adapter, unload_grft
-from grft_vision.anatomy import grft_layers
+from grft_vision.tuner.anatomy import grft_layers
 from grft_vision.selection.schedules import create_schedule
 
 CLASSES = 4

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import make_model, random_scores
 from grft_vision import ConfigError, GRFTConfig, SelectionError, apply_grft
-from grft_vision.anatomy import grft_layers
+from grft_vision.tuner.anatomy import grft_layers
 from grft_vision.data import SyntheticImageDataset, TwoViews, contrastive_transform
 from grft_vision.selection import SupConSelectionLoss, compute_scores, split_subsets
 from grft_vision.selection.subsets import subset_loader

@@ -24,7 +24,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-from ..anatomy import input_size
+from ..tuner.anatomy import input_size
 
 __all__ = ["PROTOCOLS", "TwoViews", "contrastive_transform", "create_transforms", "resolve_model_data_config"]
 

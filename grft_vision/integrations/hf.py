@@ -27,11 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapter import from_pretrained, save_pretrained
+from ..io.adapters import from_pretrained, save_pretrained
 from ..errors import AdapterError, ConfigError
 from ..extras import import_optional
-from ..model import DEFAULT_ADAPTER, grft_state, merge_grft
-from ..regularization import L2ToPretrained
+from ..tuner.layer import own_class
+from ..tuner.model import merge_grft
+from ..tuner.regularization import L2ToPretrained
+from ..tuner.state import DEFAULT_ADAPTER, grft_state
 
 transformers = import_optional("transformers", "grft_vision.integrations.hf")
 
@@ -41,8 +43,8 @@ _TRAINING_ARGS_NAME = "training_args.bin"  # as transformers.trainer names it
 
 
 def _class_name(model: nn.Module) -> str:
-    """The model's own class name (not a class ``torch.nn.utils.parametrize`` derived from it)."""
-    return next(cls for cls in type(model).__mro__ if not cls.__module__.startswith("torch.nn.utils.parametrize")).__name__
+    """The model's own class name (not the class grft_vision.tuner.owned derives from it)."""
+    return own_class(model).__name__
 
 
 class GRFTTrainer(transformers.Trainer):

@@ -10,10 +10,7 @@ either kind into plain timm weights (:mod:`grft_vision.export`).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
-import pickle
 from typing import Any, Mapping
 
 import torch
@@ -21,13 +18,14 @@ from timm.models import clean_state_dict
 from timm.utils import unwrap_model
 from torch import nn
 
-from ..adapter import adapter_state, apply_adapter_state
 from ..errors import ModelLoadError
+from ..io.adapter_format import adapter_state
+from ..io.adapters import apply_adapter_state
+from ..io.checkpoints import ADAPTER_METADATA_KEY, load_training_checkpoint, split_adapter_state
 
 __all__ = ["ADAPTER_METADATA_KEY", "adapter_only", "split_adapter_state", "load_training_checkpoint",
            "resume_checkpoint", "load_ema_checkpoint"]
 
-ADAPTER_METADATA_KEY = "grft_adapter_metadata"  # the adapter's metadata in an adapter-only state dict
 
 
 class _AdapterOnly:
@@ -46,33 +44,6 @@ def adapter_only(model: nn.Module) -> _AdapterOnly:
     """timm's ``unwrap_model`` (DDP, ``torch.compile``, model EMA), then the GRFT model's active adapter in place
     of its state dict: pass it as ``CheckpointSaver(..., unwrap_fn=adapter_only)``."""
     return _AdapterOnly(unwrap_model(model))
-
-
-def split_adapter_state(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-    """``(tensors, metadata)`` of an adapter-only state dict (see :func:`adapter_only`); None for any other."""
-    metadata = state.get(ADAPTER_METADATA_KEY)
-    if not isinstance(metadata, dict):
-        return None
-    return {key: value for key, value in state.items() if key != ADAPTER_METADATA_KEY}, metadata
-
-
-def load_training_checkpoint(path: str | os.PathLike) -> Any:
-    """A timm training checkpoint read safely (``weights_only``, timm's ``args`` namespace allowed), on the CPU.
-
-    Raises:
-        ModelLoadError: no such file, or a file torch cannot read.
-    """
-    if not os.path.isfile(path):
-        raise ModelLoadError(f"checkpoint {str(path)!r} does not exist; pass a file written by timm's "
-                             "CheckpointSaver (e.g. output/train/<run>/last.pth.tar).")
-    allowed = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; before, `args` cannot be read
-    try:
-        with allowed([argparse.Namespace]) if allowed is not None else contextlib.nullcontext():
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot read checkpoint {str(path)!r} ({reason}); it is truncated, corrupt or not a "
-                             "PyTorch file.") from None
 
 
 def _load_state(model: nn.Module, state: Mapping[str, Any], source: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..anatomy import head_module_names, is_adapter_tensor
+from ..tuner.anatomy import head_module_names, is_adapter_tensor
 from ..config import ConfigError
 from ..extras import import_optional
 from ..training.model_factory import ModelLoadError
@@ -30,7 +30,7 @@ __all__ = ["resolve_dtype", "load_tokenizer", "load_classifier", "enable_gradien
 
 _logger = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_WRAPPED = re.compile(r"\.base_layer\.|\.parametrizations\.[^.]+\.original$")  # a GRFT model's own keys
+_WRAPPED = re.compile(r"\.base_layer\.|\.(?:grft_owned|parametrizations)\.[^.]+\.original$")  # a GRFT model's own keys
 _NO_LIMIT = 10**8  # tokenizers without a known limit report a huge model_max_length
 
 

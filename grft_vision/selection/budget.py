@@ -20,26 +20,20 @@ at "the same k" are compared at the same parameter count. A layer may receive 0 
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..config import GRFTConfig
-from .record import candidate_scores
-from .topk import candidate_count, resolve_k
+from ..tuner.structures import STRUCTURES
 
 __all__ = ["unit_cost", "allocate_units", "weight_entropy"]
 
 
 def unit_cost(weight_shape: tuple[int, ...], structure: str, groups: int = 1) -> int:
     """Parameters added by one unit of ``structure`` in a weight of ``weight_shape``."""
-    out_features, taps = weight_shape[0], math.prod(weight_shape[2:])
-    if structure == "row":
-        return math.prod(weight_shape[1:])
-    if structure == "column":
-        return out_features // groups * taps
-    return out_features  # tap_column, sparse
+    return STRUCTURES.get(structure).unit_cost(tuple(weight_shape), groups)
 
 
 def weight_entropy(weight: torch.Tensor, bins: int = 256) -> float:
@@ -53,53 +47,68 @@ def weight_entropy(weight: torch.Tensor, bins: int = 256) -> float:
     return float(-(probabilities * probabilities.log()).sum())
 
 
-def _unit_values(score: torch.Tensor, structure: str, groups: int) -> torch.Tensor:
-    """Value of a layer's units in the order they would be taken, score per parameter, non-increasing."""
-    values = candidate_scores(score, structure, groups)
-    if structure == "sparse":  # unit m = every row's m-th best entry
-        return values.sort(dim=1, descending=True).values.mean(0)
-    return values.sort(descending=True).values / unit_cost(tuple(score.shape), structure, groups)
+@dataclass
+class _Candidates:
+    """The targeted layers as a budget sees them: structure class, groups, units available, cost of a unit,
+    and the units ``k`` gives each (the uniform budget)."""
+
+    layers: dict[str, nn.Module]
+    classes: dict[str, type]
+    groups: dict[str, int]
+    available: dict[str, int]
+    costs: dict[str, int]
+    uniform: dict[str, int]
 
 
 def allocate_units(layers: dict[str, nn.Module], scores: dict[str, torch.Tensor], structures: dict[str, str],
                    config: GRFTConfig) -> dict[str, int]:
     """Units per layer under ``config.budget`` (see the module docstring); names as in ``layers``."""
+    classes = {name: STRUCTURES.get(structures[name]) for name in layers}
     groups = {name: getattr(layer, "groups", 1) for name, layer in layers.items()}
     shapes = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
-    available = {name: candidate_count(shapes[name], structures[name], groups[name]) for name in layers}
-    costs = {name: unit_cost(shapes[name], structures[name], groups[name]) for name in layers}
-    uniform = {name: resolve_k(config.k, available[name], name, structures[name], config.clamp_k) for name in layers}
-    if config.budget == "uniform":
-        return uniform
-    total = _total_budget(config, layers, uniform, costs)
-    if config.budget == "entropy":
-        entropies = {name: weight_entropy(layer.weight, config.entropy_bins) for name, layer in layers.items()}
-        normaliser = sum(entropies.values()) or 1.0
-        return {name: min(available[name], int(total * entropies[name] / normaliser // costs[name]))
-                for name in layers}
-    return _global_units(layers, scores, structures, groups, costs, total)
+    candidates = _Candidates(
+        layers, classes, groups,
+        available={name: classes[name].candidate_count(shapes[name], groups[name]) for name in layers},
+        costs={name: classes[name].unit_cost(shapes[name], groups[name]) for name in layers},
+        uniform={name: classes[name].resolve_count(config.k, shapes[name], groups[name], layer_name=name,
+                                                   clamp=config.clamp_k) for name in layers})
+    return _ALLOCATORS[config.budget](candidates, scores, config)
 
 
-def _total_budget(config: GRFTConfig, layers: dict[str, nn.Module], uniform: dict[str, int],
-                  costs: dict[str, int]) -> int:
+def _total_budget(candidates: _Candidates, config: GRFTConfig) -> int:
     if config.budget_params is not None:
         return config.budget_params
     if config.budget_fraction is not None:
-        return int(config.budget_fraction * sum(layer.weight.numel() for layer in layers.values()))
-    return sum(uniform[name] * costs[name] for name in layers)
+        return int(config.budget_fraction * sum(layer.weight.numel() for layer in candidates.layers.values()))
+    return sum(candidates.uniform[name] * candidates.costs[name] for name in candidates.layers)
 
 
-def _global_units(layers: dict[str, nn.Module], scores: dict[str, torch.Tensor], structures: dict[str, str],
-                  groups: dict[str, int], costs: dict[str, int], total: int) -> dict[str, int]:
-    names = list(layers)
+def _uniform_units(candidates: _Candidates, scores: dict[str, torch.Tensor], config: GRFTConfig) -> dict[str, int]:
+    return candidates.uniform
+
+
+def _entropy_units(candidates: _Candidates, scores: dict[str, torch.Tensor], config: GRFTConfig) -> dict[str, int]:
+    total = _total_budget(candidates, config)
+    entropies = {name: weight_entropy(layer.weight, config.entropy_bins) for name, layer in candidates.layers.items()}
+    normaliser = sum(entropies.values()) or 1.0
+    return {name: min(candidates.available[name], int(total * entropies[name] / normaliser // candidates.costs[name]))
+            for name in candidates.layers}
+
+
+def _global_units(candidates: _Candidates, scores: dict[str, torch.Tensor], config: GRFTConfig) -> dict[str, int]:
+    total = _total_budget(candidates, config)
+    names = list(candidates.layers)
     values, owners = [], []
     for index, name in enumerate(names):
-        unit_values = _unit_values(scores[f"{name}.weight"], structures[name], groups[name]).double().cpu()
-        values.append(unit_values)
+        unit_values = candidates.classes[name].unit_values(scores[f"{name}.weight"], candidates.groups[name])
+        values.append(unit_values.double().cpu())
         owners.append(torch.full((len(unit_values),), index, dtype=torch.long))
     order = torch.sort(torch.cat(values), descending=True, stable=True).indices
     owner_of = torch.cat(owners)[order]
-    spent = torch.tensor([costs[name] for name in names], dtype=torch.long)[owner_of].cumsum(0)
+    spent = torch.tensor([candidates.costs[name] for name in names], dtype=torch.long)[owner_of].cumsum(0)
     taken = owner_of[spent <= total]
     counts = torch.bincount(taken, minlength=len(names))
     return {name: int(counts[index]) for index, name in enumerate(names)}
+
+
+_ALLOCATORS = {"uniform": _uniform_units, "global": _global_units, "entropy": _entropy_units}

@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-from .topk import SelectionError
+from ..errors import SelectionError
 
 __all__ = ["BatchFeatures", "VisionFeatures", "timm_pre_logits"]
 

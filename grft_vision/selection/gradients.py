@@ -5,10 +5,11 @@ steps 1-3), turned into a per-parameter score.
 streaming pass, gradients accumulated in fp32, only the targeted weights requiring grad (so only they get
 a buffer). GRFT's score (the default, ``score='grft'``) is ``H ** 2`` elementwise, computed in place in that
 buffer: its row sums are the paper's ``S_i`` (Eq. 4), its column sums the column scores, and its per-row
-top-k is GPS's top-k of ``|H|``. The other scores of :mod:`grft_vision.selection.salience` reuse the same
-pass (Fisher replaces it by per-sample gradients, GraSP adds a Hessian-vector pass; magnitude, SynFlow and
-random need no data). The model comes back exactly as it was (mode, ``requires_grad``, gradients, buffers
-such as BatchNorm running statistics, and the global RNG state).
+top-k is GPS's top-k of ``|H|``. Which score is computed is the registered :class:`~.scores.Score` of
+``config.score``; it asks a :class:`ScoreRun` for what it needs (the summed gradient of this pass, per-sample
+squared gradients, a Hessian-vector product, or nothing but the model), each computed once, on demand. The
+model comes back exactly as it was (mode, ``requires_grad``, gradients, buffers such as BatchNorm running
+statistics, and the global RNG state).
 """
 from __future__ import annotations
 
@@ -25,16 +26,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..anatomy import find_target_layers, grft_layers
-from ..config import GRFTConfig, resolve_config
+from ..config import GRFTConfig, SelectionConfig, resolve_config
+from ..errors import SelectionError
+from ..tuner.layer import grft_layers
+from ..tuner.targets import find_target_layers
 from .features import BatchFeatures, VisionFeatures
 from .losses import CrossEntropySelectionLoss, SupConSelectionLoss, selection_loss
-from .salience import (DATA_FREE_SCORES, gradient_salience, magnitude_scores, random_scores,
-                       synflow_scores)
+from .scores import SCORES, data_free_scores
 from .subsets import mean_subset_loss, split_subsets, subset_loader
-from .topk import SelectionError
 
-__all__ = ["SelectionResult", "compute_scores"]
+__all__ = ["SelectionResult", "ScoreRun", "compute_scores"]
 
 
 @dataclass
@@ -143,43 +144,93 @@ def _accumulate(model: nn.Module, batches: Iterable[Any], batch_loss: _BatchLoss
     return sums, count
 
 
-def _fisher(model: nn.Module, batches: Iterable[Any], batch_loss: _BatchLoss, weights: dict[str, nn.Parameter],
-            progress: bool) -> dict[str, torch.Tensor]:
-    """``sum_n (dl_n / dtheta) ** 2`` over every sample (SupCon: every anchor) of the batches."""
-    sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
-    params = list(weights.values())
-    for index, batch in enumerate(tqdm(batches, desc="selection: per-sample gradients", leave=False,
-                                       disable=not progress)):
-        losses = batch_loss.per_sample(model, batch, index)
-        for position in range(len(losses)):
-            grads = torch.autograd.grad(losses[position], params, retain_graph=position + 1 < len(losses),
-                                        allow_unused=True)
-            for name, grad in zip(weights, grads):
-                if grad is not None:
-                    sums[name] += grad.float().pow(2)
-    return sums
+class ScoreRun:
+    """What a :class:`~.scores.Score` reads (the :class:`~.scores.ScoreInputs` of one selection pass).
 
-
-def _hessian_times(model: nn.Module, batches: Iterable[Any], batch_loss: _BatchLoss,
-                   weights: dict[str, nn.Parameter], vector: dict[str, torch.Tensor],
-                   progress: bool) -> dict[str, torch.Tensor]:
-    """``H v`` with H the Hessian of the summed selection loss over the batches (double backward).
-
-    Attention runs on PyTorch's math SDPA kernel here: the fused kernels (flash, memory-efficient) have no
-    double backward.
+    Args:
+        model: the model, with mode and ``requires_grad`` set for the pass.
+        weights: the targeted weights by layer name; thetas: their values as the scores use them.
+        options: the selection options.
+        batches: the chosen subset's batches (None for a data-free pass); batch_loss: their loss.
+        seed: the seed every pass over ``batches`` starts from (the same augmented views each time).
+        input_shape: one input's ``[C, H, W]`` when known.
     """
-    sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
-    params = list(weights.values())
-    for index, batch in enumerate(tqdm(batches, desc="selection: Hessian-gradient", leave=False,
-                                       disable=not progress)):
-        with sdpa_kernel(SDPBackend.MATH):
-            loss = batch_loss(model, batch, index)
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        inner = sum((grad.float() * vector[name]).sum() for name, grad in zip(weights, grads) if grad is not None)
-        for name, hv in zip(weights, torch.autograd.grad(inner, params, allow_unused=True)):
-            if hv is not None:
-                sums[name] += hv.float()
-    return sums
+
+    def __init__(self, model: nn.Module, weights: dict[str, nn.Parameter], thetas: dict[str, torch.Tensor],
+                 options: SelectionConfig, *, batches: Iterable[Any] | None = None,
+                 batch_loss: _BatchLoss | None = None, seed: int = 0, progress: bool = True,
+                 input_shape: tuple[int, ...] | None = None, dataloader: Iterable[Any] | None = None) -> None:
+        self.model, self.weights, self.thetas, self.options = model, weights, thetas, options
+        self.batches, self.batch_loss, self.seed, self.progress = batches, batch_loss, seed, progress
+        self._input_shape, self._dataloader = input_shape, dataloader
+        self._sums: dict[str, torch.Tensor] | None = None
+        self.num_batches = 0
+
+    def _data(self) -> Iterable[Any]:
+        if self.batches is None:
+            raise SelectionError("this score needs the selection data, but the pass has none.")
+        _reseed(self.seed)  # every pass over the subset sees the same augmented views
+        return self.batches
+
+    def gradient_sums(self) -> dict[str, torch.Tensor]:
+        if self._sums is None:
+            self._sums, self.num_batches = _accumulate(self.model, self._data(), self.batch_loss, self.weights,
+                                                       self.progress)
+        return self._sums
+
+    def per_sample_squares(self) -> dict[str, torch.Tensor]:
+        """``sum_n (dl_n / dtheta) ** 2`` over every sample (SupCon: every anchor) of the batches."""
+        weights = self.weights
+        sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+        params = list(weights.values())
+        count = 0
+        for index, batch in enumerate(tqdm(self._data(), desc="selection: per-sample gradients", leave=False,
+                                           disable=not self.progress)):
+            losses = self.batch_loss.per_sample(self.model, batch, index)
+            count += 1
+            for position in range(len(losses)):
+                grads = torch.autograd.grad(losses[position], params, retain_graph=position + 1 < len(losses),
+                                            allow_unused=True)
+                for name, grad in zip(weights, grads):
+                    if grad is not None:
+                        sums[name] += grad.float().pow(2)
+        self.num_batches = count
+        return sums
+
+    def hessian_times(self, vector: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``H v`` with H the Hessian of the summed selection loss over the batches (double backward).
+
+        Attention runs on PyTorch's math SDPA kernel here: the fused kernels (flash, memory-efficient) have no
+        double backward.
+        """
+        weights = self.weights
+        sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+        params = list(weights.values())
+        for index, batch in enumerate(tqdm(self._data(), desc="selection: Hessian-gradient", leave=False,
+                                           disable=not self.progress)):
+            with sdpa_kernel(SDPBackend.MATH):
+                loss = self.batch_loss(self.model, batch, index)
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            inner = sum((grad.float() * vector[name]).sum() for name, grad in zip(weights, grads) if grad is not None)
+            for name, hv in zip(weights, torch.autograd.grad(inner, params, allow_unused=True)):
+                if hv is not None:
+                    sums[name] += hv.float()
+        return sums
+
+    def input_shape(self) -> tuple[int, ...]:
+        """``[C, H, W]`` of the training images when a loader is given (a model may run at another size than its
+        pretrained config says), else timm's ``pretrained_cfg['input_size']``."""
+        if self._input_shape is not None:
+            return tuple(self._input_shape)
+        if self._dataloader is not None:
+            batch = next(iter(self._dataloader))
+            images = batch[0] if isinstance(batch, (tuple, list)) else None
+            if torch.is_tensor(images) and images.dim() >= 4:
+                return tuple(images.shape[-3:])
+        data_config = getattr(self.model, "pretrained_cfg", None) or {}
+        if "input_size" not in data_config:
+            raise SelectionError(f"score={self.options.score!r} needs the model's input shape: pass input_shape=(3, H, W).")
+        return tuple(data_config["input_size"])
 
 
 def _scored_weights(model: nn.Module, config: GRFTConfig) -> tuple[dict[str, nn.Parameter], dict[str, torch.Tensor]]:
@@ -196,29 +247,6 @@ def _scored_weights(model: nn.Module, config: GRFTConfig) -> tuple[dict[str, nn.
     return weights, thetas
 
 
-def _synflow_input_shape(model: nn.Module, dataloader: DataLoader | Iterable[Any] | None) -> tuple[int, ...]:
-    """``[C, H, W]`` of the training images when a loader is given (a model may run at another size than its
-    pretrained config says), else timm's ``pretrained_cfg['input_size']``."""
-    if dataloader is not None:
-        batch = next(iter(dataloader))
-        images = batch[0] if isinstance(batch, (tuple, list)) else None
-        if torch.is_tensor(images) and images.dim() >= 4:
-            return tuple(images.shape[-3:])
-    data_config = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" not in data_config:
-        raise SelectionError("score='synflow' needs the model's input shape: pass input_shape=(3, H, W).")
-    return tuple(data_config["input_size"])
-
-
-def _data_free_scores(model: nn.Module, weights: dict[str, nn.Parameter], thetas: dict[str, torch.Tensor],
-                      config: GRFTConfig, input_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    if config.score == "magnitude":
-        return magnitude_scores(thetas)
-    if config.score == "random":
-        return random_scores(weights, config.selection_seed)
-    return synflow_scores(model, weights, input_shape)
-
-
 def compute_scores(
     model: nn.Module,
     dataloader: DataLoader | Iterable[Any] | None = None,
@@ -233,15 +261,14 @@ def compute_scores(
     """Score every targeted weight of ``model`` (GRFT: squared SupCon gradient on the lowest-loss subset).
 
     Args:
-        model: the model before :func:`~grft_vision.apply_grft` (its targeted layers unwrapped).
+        model: the model before :func:`~grft_vision.apply_grft` (its targeted layers unwrapped), or a wrapped
+            model (scored as it computes: with the active adapter, or the base inside ``disable_adapter``).
         dataloader: a ``DataLoader`` yielding ``(images, labels)`` (images ``[B, C, H, W]`` or, with two views,
             ``[B, 2, C, H, W]``); any iterable of batches when ``config.num_subsets == 1``. Not needed by the
             data-free scores (magnitude, synflow, random).
-        config: GRFT config (targets, ``score``, ``selection_loss``, ``temperature``, ``selection_views``,
-            ``num_subsets``, ``selection_mode``, ``selection_batch_size``, ``selection_seed``, ``d3_eps``,
-            ``d3_exp``).
+        config: GRFT config (targets and the selection options, ``config.selection_config``).
         features: maps a batch to ``(features, labels)``; default :class:`VisionFeatures` (timm pre-logits for
-            SupCon, the logits for cross-entropy).
+            SupCon, the logits for a loss on logits).
         device: where to run; default the device of the model's first parameter.
         amp: autocast on CUDA (bf16 where supported, else fp16); gradients still accumulate in fp32.
         progress: show tqdm progress bars.
@@ -254,28 +281,32 @@ def compute_scores(
     """
     start = time.perf_counter()
     config = resolve_config(config)
+    options = config.selection_config
+    score = SCORES.get(options.score)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     weights, thetas = _scored_weights(model, config)
-    seed = config.selection_seed
-    if config.score in DATA_FREE_SCORES:
-        if config.score == "synflow" and input_shape is None:
-            input_shape = _synflow_input_shape(model, dataloader)
+    seed = options.seed
+    if not score.needs_data:
+        run = ScoreRun(model, weights, thetas, options, seed=seed, progress=progress, input_shape=input_shape,
+                       dataloader=dataloader)
         with _selection_state(model, list(weights.values()), "eval", seed, device):
-            scores = _data_free_scores(model, weights, thetas, config, input_shape)
-        return SelectionResult({f"{name}.weight": score for name, score in scores.items()}, [], 0, None, 0,
+            scores = score.compute(run)
+        return SelectionResult({f"{name}.weight": value for name, value in scores.items()}, [], 0, None, 0,
                                time.perf_counter() - start)
     if dataloader is None:
-        raise SelectionError(f"score={config.score!r} needs training data: pass dataloader=.")
+        raise SelectionError(f"score={options.score!r} needs training data: pass dataloader= (or a data-free score: "
+                             f"{', '.join(data_free_scores())}).")
+    loss = selection_loss(options.loss, options.temperature)
     if features is None:
-        logits = (lambda net, images: net(images)) if config.selection_loss == "cross_entropy" else None
-        features = VisionFeatures(config.selection_views, feature_fn=logits)
-    batch_loss = _BatchLoss(features, selection_loss(config.selection_loss, config.temperature), device, amp)
-    if config.num_subsets > 1 and not isinstance(dataloader, DataLoader):
+        logits = (lambda net, images: net(images)) if loss.uses_logits else None
+        features = VisionFeatures(options.views, feature_fn=logits)
+    batch_loss = _BatchLoss(features, loss, device, amp)
+    if options.num_subsets > 1 and not isinstance(dataloader, DataLoader):
         raise SelectionError("num_subsets > 1 needs a torch DataLoader (its dataset is split into subsets).")
-    with _selection_state(model, list(weights.values()), config.selection_mode, seed, device):
+    with _selection_state(model, list(weights.values()), options.mode, seed, device):
         if isinstance(dataloader, DataLoader):
-            subsets = split_subsets(len(dataloader.dataset), config.num_subsets, seed)
-            loaders = [subset_loader(dataloader, subset, seed + i, config.selection_batch_size)
+            subsets = split_subsets(len(dataloader.dataset), options.num_subsets, seed)
+            loaders = [subset_loader(dataloader, subset, seed + i, options.batch_size)
                        for i, subset in enumerate(subsets)]
         else:
             subsets, loaders = [torch.arange(0)], [dataloader]
@@ -285,19 +316,9 @@ def compute_scores(
             losses.append(mean_subset_loss(model, loader, batch_loss, f"selection: subset {i + 1}/{len(loaders)} loss",
                                            progress))
         chosen = int(np.argmin(losses)) if losses else 0
-        batches = loaders[chosen]
-        _reseed(seed + chosen)
-        if config.score == "fisher":
-            scores, count = _fisher(model, batches, batch_loss, weights, progress), len(batches)
-        else:
-            sums, count = _accumulate(model, batches, batch_loss, weights, progress)
-            if config.score == "grasp":
-                _reseed(seed + chosen)
-                product = _hessian_times(model, batches, batch_loss, weights, sums, progress)
-                scores = {name: -product[name] * thetas[name].float() for name in weights}
-            else:
-                scores = {name: gradient_salience(config.score, sums[name], thetas[name], d3_eps=config.d3_eps,
-                                                  d3_exp=config.d3_exp) for name in weights}
-    scores = {f"{name}.weight": score for name, score in scores.items()}
+        run = ScoreRun(model, weights, thetas, options, batches=loaders[chosen], batch_loss=batch_loss,
+                       seed=seed + chosen, progress=progress, input_shape=input_shape)
+        scores = score.compute(run)
+    scores = {f"{name}.weight": value for name, value in scores.items()}
     subset_size = len(subsets[chosen]) if isinstance(dataloader, DataLoader) else None
-    return SelectionResult(scores, losses, chosen, subset_size, count, time.perf_counter() - start)
+    return SelectionResult(scores, losses, chosen, subset_size, run.num_batches, time.perf_counter() - start)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import SelectionError
 from ..extras import import_optional
-from .topk import SelectionError
+from ..registry import Registry
 
 __all__ = ["SupConSelectionLoss", "CrossEntropySelectionLoss", "SELECTION_LOSSES", "selection_loss"]
-
-SELECTION_LOSSES = ("supcon", "cross_entropy")
 
 
 class SupConSelectionLoss:
@@ -25,6 +24,8 @@ class SupConSelectionLoss:
     Args:
         temperature: SupCon temperature (0.07 as in GPS/GRFT).
     """
+
+    uses_logits = False  # computed on pre-logits features (the head plays no part)
 
     def __init__(self, temperature: float = 0.07) -> None:
         losses = import_optional("pytorch_metric_learning.losses", "the SupCon selection loss")
@@ -59,6 +60,11 @@ class SupConSelectionLoss:
 class CrossEntropySelectionLoss:
     """``(logits [N, classes], labels [N]) -> scalar``: the task loss through the classification head."""
 
+    uses_logits = True
+
+    def __init__(self, temperature: float = 0.07) -> None:  # the temperature is SupCon's; unused here
+        pass
+
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, batch_index: int = 0) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels)
 
@@ -66,8 +72,11 @@ class CrossEntropySelectionLoss:
         return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
+SELECTION_LOSSES: Registry[type] = Registry("selection_loss")
+SELECTION_LOSSES.register("supcon", SupConSelectionLoss)
+SELECTION_LOSSES.register("cross_entropy", CrossEntropySelectionLoss)
+
+
 def selection_loss(name: str, temperature: float) -> SupConSelectionLoss | CrossEntropySelectionLoss:
-    """The selection loss by name: 'supcon' (pre-logits features) or 'cross_entropy' (logits)."""
-    if name == "supcon":
-        return SupConSelectionLoss(temperature)
-    return CrossEntropySelectionLoss()
+    """The registered selection loss ``name`` (``supcon`` on pre-logits features, ``cross_entropy`` on logits)."""
+    return SELECTION_LOSSES.get(name)(temperature)

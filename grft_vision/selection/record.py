@@ -12,21 +12,14 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write
-from .topk import _reduce_columns
+from ..tuner.structures import STRUCTURES
 
 __all__ = ["LayerSelection", "SelectionRecord", "candidate_scores", "write_json_atomic"]
 
 
 def candidate_scores(score: torch.Tensor, structure: str, groups: int = 1) -> torch.Tensor:
-    """One score per candidate: ``[out]`` row sums, ``[in]`` column sums, or ``[out, in/g*kh*kw]`` entries."""
-    values = score.detach().double()
-    if structure == "row":
-        return values.reshape(values.shape[0], -1).sum(1)
-    if structure == "column":
-        return _reduce_columns(values, groups)
-    if structure == "tap_column":
-        return values.reshape(values.shape[0], -1).sum(0)
-    return values.reshape(values.shape[0], -1)
+    """One score per candidate unit of ``structure`` (:meth:`~grft_vision.tuner.structures.Update.unit_scores`)."""
+    return STRUCTURES.get(structure).unit_scores(score, groups)
 
 
 @dataclass
@@ -35,9 +28,9 @@ class LayerSelection:
 
     Attributes:
         name: module name.
-        structure: 'row', 'column' or 'sparse'.
+        structure: the structure's name ('row', 'column', 'sparse', ...).
         weight_shape: shape of the weight.
-        indices: chosen rows / input channels (``[k]``) or per-row entries (``[out][k]``).
+        indices: chosen units (``[k]``), or per-row entries (``[out][k]``) for per-row structures.
         chosen_share: share of the layer's total score held by the chosen candidates (1.0 = all of it).
         chosen_mean: mean score of a chosen candidate.
         rest_mean: mean score of an unchosen candidate (0 when everything was chosen).
@@ -58,10 +51,7 @@ class LayerSelection:
         if indices.numel() == 0:  # nothing chosen yet (incremental schedules start empty)
             return cls(name, structure, list(score.shape), [], 0.0, 0.0, float(values.mean()))
         chosen = torch.zeros_like(values, dtype=torch.bool)
-        if structure == "sparse":
-            chosen.scatter_(1, indices.cpu().to(values.device), True)
-        else:
-            chosen[indices.cpu().to(values.device)] = True
+        chosen.scatter_(-1, indices.cpu().to(values.device), True)
         total = float(values.sum())
         rest = values[~chosen]
         return cls(name, structure, list(score.shape), indices.tolist(),
@@ -92,8 +82,8 @@ class SelectionRecord:
                  "| layer | chosen | share of score | chosen mean / rest mean |", "|---|---|---|---|"]
         for layer in self.layers:
             ratio = layer.chosen_mean / layer.rest_mean if layer.rest_mean > 0 else float("inf")
-            shown = layer.indices if layer.structure != "sparse" or not layer.indices else \
-                f"{len(layer.indices)} rows x {len(layer.indices[0])}"
+            per_row = bool(layer.indices) and isinstance(layer.indices[0], list)
+            shown = f"{len(layer.indices)} rows x {len(layer.indices[0])}" if per_row else layer.indices
             lines.append(f"| {layer.name} | {shown} | {layer.chosen_share:.3f} | {ratio:.2f} |")
         return "\n".join(lines)
 

@@ -3,7 +3,7 @@
 - ``static`` (default, GRFT/GPS): chosen once before training.
 - ``dynamic`` (SPEFT): every ``schedule_interval`` optimizer steps the current update becomes frozen entries of
   the adapter (changes that no longer train, folded into the weight while the adapter is active, see
-  :mod:`grft_vision.updates`), the scores are recomputed on
+  :mod:`grft_vision.tuner.structures`), the scores are recomputed on
   ``schedule_batches`` batches of training data with the merged weights, and the same budget is chosen anew;
   the optimizer state of entries that stay chosen is carried over, that of new entries starts at zero.
 - ``incremental`` (ID3's increment-S): training starts with nothing chosen; at every event (every
@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import GRFTConfig
-from ..layers import GRFTLayer, grft_layers
+from ..tuner.layer import GRFTLayer, grft_layers
 from .features import BatchFeatures
 from .gradients import compute_scores
 from .subsets import subset_loader
@@ -220,8 +220,9 @@ def _without(score: torch.Tensor, layer) -> torch.Tensor:
 def create_schedule(model: nn.Module, config: GRFTConfig, loader: DataLoader | None, *, total_steps: int,
                     budgets: dict[str, int] | None = None, **options: Any) -> MaskSchedule:
     """The schedule named by ``config.schedule`` for a wrapped model."""
-    if config.schedule == "dynamic":
-        return DynamicSchedule(model, config, loader, **options)
     if config.schedule == "incremental":
         return IncrementalSchedule(model, config, loader, budgets or {}, total_steps, **options)
-    return MaskSchedule(model, config, loader, **options)
+    return _SCHEDULES[config.schedule](model, config, loader, **options)
+
+
+_SCHEDULES = {"static": MaskSchedule, "dynamic": DynamicSchedule, "incremental": IncrementalSchedule}

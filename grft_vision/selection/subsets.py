@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .topk import SelectionError
+from ..errors import SelectionError
 
 __all__ = ["split_subsets", "subset_loader", "mean_subset_loss", "SeededItems"]
 

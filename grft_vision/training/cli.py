@@ -146,11 +146,8 @@ def build_parser(benchmark: str, *, config_cls: type[TrainConfig] = TrainConfig,
 
 
 def _help(key: str, config_cls: type[TrainConfig] = TrainConfig) -> str:
-    for cls in (config_cls, GRFTConfig):
-        for item in cls.__dataclass_fields__.values():
-            if item.name == key:
-                return item.metadata.get("help", "")
-    return ""
+    item = config_cls.__dataclass_fields__.get(key)
+    return item.metadata.get("help", "") if item is not None else GRFTConfig.help_text(key)
 
 
 def check_dataset_name(name: str, valid: Sequence[str]) -> None:
@@ -188,7 +185,7 @@ def resolve_settings(benchmark: str, argv: Sequence[str] | None, config_dir: str
     settings["dataset"] = args.dataset
     settings.update(dict(args.assignments))
     settings.update({key: value for key, value in vars(args).items()
-                     if key in config_cls.__dataclass_fields__ or key in GRFTConfig.__dataclass_fields__
+                     if key in config_cls.__dataclass_fields__ or key in GRFTConfig.keys()
                      if value is not None and key != "dataset"})
     for flag, structure in (("rows", "row"), ("cols", "column"), ("sparse", "sparse")):
         if getattr(args, flag) is not None:

@@ -205,7 +205,7 @@ def yaml_problem(error: yaml.YAMLError) -> str:
 
 
 def _check_keys(values: Mapping[str, Any], where: str, config_cls: type[TrainConfig] = TrainConfig) -> None:
-    known = _field_names(config_cls) | _field_names(GRFTConfig)
+    known = _field_names(config_cls) | set(GRFTConfig.keys())
     for key in values:
         if key not in known:
             raise ConfigError(f"{where}: unknown setting {key!r}.{did_you_mean(key, known)}")

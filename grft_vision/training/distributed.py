@@ -10,7 +10,7 @@ head's copy), the originals of the tensors an adapter owns, and frozen tensors o
 body's (the fp32 head) stay whole on every process (``ignored_params``), and their gradients are averaged
 over the processes as DistributedDataParallel averages them (a hook per parameter, before any clipping).
 So FSDP only ever all-gathers frozen weights of one dtype, never reduces a gradient, and the adapter code
-(updates whose tensors are replaced when entries move, fp32 masters beside bf16 weights, parametrized
+(updates whose tensors are replaced when entries move, fp32 masters beside bf16 weights, adapter-owned
 owners) sees plain tensors, as without FSDP.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
-from ..owned_tensors import owned_tensors
+from ..tuner.owned import owned_tensors
 
 __all__ = ["DistributedContext", "replicated_parameters", "shard_frozen_base"]
 
@@ -113,8 +113,7 @@ def replicated_parameters(model: nn.Module) -> set[nn.Parameter]:
     """The parameters :func:`shard_frozen_base` leaves whole on every process: the trainable ones, the originals of
     owned tensors, and frozen ones of another dtype than most frozen weights (e.g. an fp32 head of a bf16 body)."""
     trainable = {param for param in model.parameters() if param.requires_grad}
-    originals = {owner.parametrizations[name].original for _, owner, name, parametrization in owned_tensors(model)
-                 if not parametrization.is_buffer}
+    originals = {owned.original for *_, owned in owned_tensors(model) if not owned.is_buffer}
     frozen = [param for param in model.parameters() if param not in trainable and param not in originals]
     sizes = Counter()
     for param in frozen:

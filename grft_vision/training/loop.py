@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import TrainingError
-from ..regularization import L2ToPretrained
+from ..tuner.regularization import L2ToPretrained
 from .distributed import DistributedContext
 from .monitor import Monitor
 

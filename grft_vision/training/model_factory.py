@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from timm.models import load_state_dict
 from torch import nn
 
-from ..anatomy import head_module_names
+from ..tuner.anatomy import head_module_names
 from ..errors import ModelLoadError, did_you_mean
 from .config import TrainConfig
 

@@ -30,16 +30,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ..adapter import adapter_state, adapter_tensors, apply_adapter_state
-from ..anatomy import grft_layers, head_module_names
+from ..api import apply_grft
+from ..io.adapter_format import adapter_state, adapter_tensors
+from ..io.adapters import apply_adapter_state
+from ..tuner.anatomy import grft_layers, head_module_names
 from ..config import GRFTConfig
 from ..errors import ConfigError
 from ..files import atomic_write, remove_temporaries
-from ..model import DEFAULT_ADAPTER, add_adapter, apply_grft, check_targets, grft_state
-from ..regularization import L2ToPretrained
+from ..tuner.model import inject
+from ..tuner.regularization import L2ToPretrained
+from ..tuner.state import DEFAULT_ADAPTER, grft_state
+from ..tuner.targets import check_targets
 from ..selection.record import write_json_atomic
 from ..selection.schedules import MaskSchedule, create_schedule
-from ..trainable import trainable_parameters_report
+from ..tuner.trainable import trainable_parameters_report
 from .checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig, resolved_settings, yaml_problem
 from .distributed import DistributedContext, shard_frozen_base
@@ -105,7 +109,7 @@ def _select_and_wrap(model: nn.Module, train: TrainConfig, grft: GRFTConfig, tas
         chosen = {name: (layer.structure, layer.indices.cpu()) for name, layer in grft_layers(model)}
     chosen = context.broadcast(chosen)
     if not context.is_main:
-        add_adapter(model, DEFAULT_ADAPTER, {n: i for n, (_, i) in chosen.items()},
+        inject(model, DEFAULT_ADAPTER, {n: i for n, (_, i) in chosen.items()},
                     {n: s for n, (s, _) in chosen.items()}, grft)
 
 
@@ -339,7 +343,7 @@ def _make_trainable(model: nn.Module, train: TrainConfig, grft: GRFTConfig, task
     else:
         tensors, metadata = checkpoint["adapter"]
         structures = json.loads(metadata["structures"])
-        add_adapter(model, DEFAULT_ADAPTER, {n: tensors[f"{n}.grft_indices"].long() for n in structures}, structures,
+        inject(model, DEFAULT_ADAPTER, {n: tensors[f"{n}.grft_indices"].long() for n in structures}, structures,
                     grft)
     model.to(context.device)
 

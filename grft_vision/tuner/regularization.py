@@ -5,9 +5,9 @@ embedding) plus the head, or every trainable tensor when L is ``'all'`` (Tables 
 Number"). Frozen tensors contribute nothing, so only the adapter's trained tensors are visited:
 
 - an update stores ``W - W_pre`` on its entries (``delta``, frozen entries included) and ``b - b_pre``
-  (``bias_delta``), so its term is their squared norm (:meth:`~grft_vision.updates.Update.squared_distance`);
+  (``bias_delta``), so its term is their squared norm (:meth:`~grft_vision.tuner.structures.Update.squared_distance`);
 - a tensor the adapter trains in full (head, LayerScale, ...) is compared with its pre-trained value, which
-  its owner keeps (:mod:`grft_vision.owned_tensors`); for the head that is its initialisation, as in the
+  its owner keeps (:mod:`grft_vision.tuner.owned`); for the head that is its initialisation, as in the
   paper. A head of another shape than the model's is compared with its value when the regulariser is built.
 
 On a model without adapters (full fine-tuning and linear-probe baselines), every trainable parameter is
@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import GRFTConfig
 from .anatomy import grft_layers, head_module_names, model_groups, original_name
-from .config import GRFTConfig
-from .owned_tensors import AdapterTensor, owned_tensors
-from .updates import Update
+from .owned import OwnedTensor, owned_tensors
+from .structures import Update
 
 __all__ = ["L2ToPretrained", "regularized_names"]
 
@@ -64,12 +64,12 @@ class L2ToPretrained:
             if update is not None and update.bias_delta is not None and regularised(f"{name}.bias"):
                 self.biases.append(update)
                 self.names.append(f"{name}.bias_delta")
-        self.owned: list[tuple[AdapterTensor, str, torch.Tensor | None]] = []  # (parametrization, adapter, reference)
-        for name, owner, tensor_name, parametrization in owned_tensors(model):
-            if adapter in parametrization.adapters and not parametrization.is_buffer and regularised(name):
-                value, original = parametrization.adapters[adapter], owner.parametrizations[tensor_name].original
+        self.owned: list[tuple[OwnedTensor, str, torch.Tensor]] = []  # (owned tensor, adapter, reference)
+        for name, _, _, owned in owned_tensors(model):
+            if adapter in owned.adapters and not owned.is_buffer and regularised(name):
+                value, original = owned.adapters[adapter], owned.original
                 reference = original if value.shape == original.shape else value.detach().clone()
-                self.owned.append((parametrization, adapter, reference))
+                self.owned.append((owned, adapter, reference))
                 self.names.append(name)
         self.plain: list[tuple[torch.Tensor, torch.Tensor]] = []
         if state is None:
@@ -89,7 +89,7 @@ class L2ToPretrained:
             return torch.zeros(())
         terms = [update.squared_distance() for update in self.weights]
         terms += [update.bias_delta.float().pow(2).sum() for update in self.biases]
-        terms += [(parametrization.adapters[adapter].float() - reference.float()).pow(2).sum()
-                  for parametrization, adapter, reference in self.owned]
+        terms += [(owned.adapters[adapter].float() - reference.float()).pow(2).sum()
+                  for owned, adapter, reference in self.owned]
         terms += [(param.float() - reference.float()).pow(2).sum() for param, reference in self.plain]
         return self.weight * sum(terms)

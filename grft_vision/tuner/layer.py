@@ -1,19 +1,19 @@
 """Where the update is applied: wrapper layers that add the active adapter's update to a frozen layer.
 
 A wrapper holds the original layer as ``base_layer`` (its weight and bias frozen, never given a gradient)
-and one :class:`~grft_vision.updates.Update` per adapter in ``grft_updates`` (a ``ModuleDict`` keyed by
-adapter name). Its forward computes the base layer's output and adds the update of the active adapter,
-over the chosen channels only where a channel form exists (see :mod:`grft_vision.updates`); at zero update
-it returns exactly what the base layer returns. Inside :func:`grft_vision.mixed_adapters`, every sample
-gets the update of its own adapter.
+and one :class:`~grft_vision.tuner.structures.Update` per adapter in ``grft_updates`` (a ``ModuleDict`` keyed
+by adapter name). It reads which adapter is active, merged or disabled from the model's
+:class:`~grft_vision.tuner.state.GRFTState` (and a mixed batch from :mod:`.batch_context`) when it computes,
+and keeps no copy of it. Its forward computes the base layer's output and adds the active update, over the
+chosen channels only where a channel form exists; at zero update it returns exactly what the base layer
+returns. Inside :func:`grft_vision.mixed_adapters` every sample gets the update of its own adapter.
 
-Writing into the base weight happens only on request: :meth:`GRFTLayer.merge` folds the active update in,
-and an update's *frozen entries* (changes that no longer train) are kept folded while their adapter is
-active and enabled. What is written is undone exactly: the pre-write values of the touched entries are
-kept (as many values as the update has), so unmerging, switching adapters, disabling and unloading restore
-the pre-trained weight bit for bit, in any dtype. ``state_dict()`` always holds the pre-trained base
-weight (plus the adapters' tensors), so a state dict loaded into a freshly wrapped model never applies an
-update twice.
+Writing into the base weight is physical state that follows the model's state (:meth:`GRFTLayer.sync`): a
+merged adapter's update is written, and an update's *frozen entries* (changes that no longer train) are
+kept written while their adapter is active and enabled. What is written is undone exactly: the values of
+the touched entries are kept, so unmerging, switching adapters, disabling and unloading restore the
+pre-trained weight bit for bit, in any dtype. ``state_dict()`` always holds the pre-trained base weight, so
+a state dict loaded into a freshly wrapped model never applies an update twice.
 """
 from __future__ import annotations
 
@@ -26,53 +26,60 @@ from timm.layers import Conv2dSame, Linear as TimmLinear
 from timm.layers.conv2d_same import conv2d_same
 from timm.layers.padding import pad_same
 from torch import nn
-from torch.nn.utils import parametrize
 
-from . import mixed_batch
-from .errors import AdapterError
-from .updates import Update, create_update
+from ..errors import AdapterError
+from . import batch_context
+from .state import GRFTState
+from .structures import LayerGeometry, Update, create_update
 
-__all__ = ["GRFTLayer", "GRFTLinear", "GRFTConv2d", "wrap_layer"]
+__all__ = ["GRFTLayer", "GRFTLinear", "GRFTConv2d", "wrap_layer", "grft_layers", "own_class"]
 
 _PLAIN_LINEAR_TYPES = (nn.Linear, TimmLinear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 _PLAIN_CONV_TYPES = (nn.Conv2d, Conv2dSame)
 
 
-def _own_class(module: nn.Module) -> type:
-    """The module's class, seen through the dynamic subclass ``torch.nn.utils.parametrize`` creates."""
-    cls = type(module)
-    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+def own_class(module: nn.Module) -> type:
+    """The module's class, seen through the class :mod:`grft_vision.tuner.owned` gives modules owning adapter
+    tensors."""
+    return getattr(type(module), "grft_base_class", type(module))
+
+
+def _sync_after_load(module: "GRFTLayer", incompatible_keys: Any) -> None:
+    module.sync()
 
 
 class GRFTLayer(nn.Module):
-    """Common part of the wrappers: base layer, named updates, the active adapter, writing and restoring.
+    """Common part of the wrappers: base layer, named updates, writing and restoring.
+
+    Args:
+        base_layer: the layer to wrap (its parameters are frozen).
+        state: the model's :class:`~grft_vision.tuner.state.GRFTState`.
+        name: the layer's name in the model (for messages).
+        batch_major: the layer sees each sample of a batch as several rows (:mod:`.batch_context`).
 
     Attributes:
         base_layer: the wrapped ``nn.Linear`` / ``nn.Conv2d`` (or subclass), weight and bias frozen.
-        grft_updates: one :class:`~grft_vision.updates.Update` per adapter name.
-        active_adapter: the adapter whose update the forward adds (None: the base layer alone).
-        disabled: True inside :func:`grft_vision.disable_adapter`: the base layer alone, nothing written.
-        merged: the active update is written into the base weight (the forward adds nothing more).
+        grft_updates: one :class:`~grft_vision.tuner.structures.Update` per adapter name.
     """
 
     _plain_types: tuple[type, ...] = ()
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, state: GRFTState, name: str = "", batch_major: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
         self.grft_updates = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.disabled = False
-        self.merged = False
-        self._plain = _own_class(base_layer) in self._plain_types
+        self.grft_state = state
+        self.grft_name = name
+        self.batch_major = batch_major
+        self._plain = own_class(base_layer) in self._plain_types
         # what is written into the base weight: (adapter, with its trainable entries?) and the values it replaced
         self._written: tuple[str, bool] | None = None
         device = base_layer.weight.device
         self.register_buffer("_written_index", torch.empty(0, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("_written_before", base_layer.weight.new_empty(0), persistent=False)
         self.register_buffer("_written_bias", base_layer.weight.new_empty(0), persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _: module._sync_written())
+        self.register_load_state_dict_post_hook(_sync_after_load)
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, structure: str, indices: torch.Tensor, *, train_bias: bool,
@@ -89,40 +96,41 @@ class GRFTLayer(nn.Module):
         if self._written is not None and self._written[0] == name:
             self._restore()
         del self.grft_updates[name]
-        if self.active_adapter == name:
-            self.active_adapter, self.merged = None, False
-
-    def set_adapter(self, name: str | None) -> None:
-        """Make ``name`` the active adapter (None, or a name this layer has no update for: the base layer)."""
-        if name != self.active_adapter:
-            self.active_adapter, self.merged = name, False
-            self._sync_written()
-
-    def set_disabled(self, disabled: bool) -> None:
-        """Compute the base layer alone (True) or add the active update again (False)."""
-        self.disabled = disabled
-        self._sync_written()
 
     def set_frozen(self, name: str, index: torch.Tensor, value: torch.Tensor) -> None:
         """Replace adapter ``name``'s frozen entries (see :meth:`Update.set_frozen`) and rewrite them."""
         self._restore()
         self.grft_updates[name].set_frozen(index, value)
-        self._sync_written()
+        self.sync()
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The model's active adapter (this layer may have no update for it)."""
+        return self.grft_state.active
 
     @property
     def update(self) -> Update | None:
-        """The active adapter's update, or None."""
-        name = self.active_adapter
+        """The active adapter's update in this layer, or None."""
+        name = self.grft_state.active
         return self.grft_updates[name] if name is not None and name in self.grft_updates else None
+
+    @property
+    def merged(self) -> bool:
+        """This layer's active update is merged into the base weight."""
+        return self.update is not None and self._written == (self.grft_state.active, True)
+
+    @property
+    def disabled(self) -> bool:
+        return self.grft_state.disabled
 
     def _active(self) -> Update:
         update = self.update
         if update is None:
-            raise AdapterError(f"this layer has no active adapter (adapters: {list(self.grft_updates)}); "
-                               "call grft_vision.set_adapter(model, name) first.")
+            raise AdapterError(f"layer {self.grft_name!r} has no update of the active adapter "
+                               f"({self.grft_state.active!r}; its adapters: {list(self.grft_updates)}).")
         return update
 
-    # the active update's tensors and layout, as the single-adapter API exposed them
+    # the active update's tensors and layout
     @property
     def delta(self) -> nn.Parameter:
         return self._active().delta
@@ -146,12 +154,12 @@ class GRFTLayer(nn.Module):
 
     # ------------------------------------------------------------------ writing into the base weight
     def _wanted_written(self) -> tuple[str, bool] | None:
-        update = self.update
-        if update is None or self.disabled:
+        state, update = self.grft_state, self.update
+        if update is None or state.disabled:
             return None
-        if self.merged:
-            return self.active_adapter, True
-        return (self.active_adapter, False) if update.frozen_index.numel() else None
+        if state.merged:
+            return state.active, True
+        return (state.active, False) if update.frozen_index.numel() else None
 
     def _written_values(self, name: str, trainable: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(unique flat positions, new weight values there, new bias or None)`` of writing an update."""
@@ -161,16 +169,13 @@ class GRFTLayer(nn.Module):
         index, inverse = torch.unique(positions, return_inverse=True)
         summed = torch.zeros(len(index), dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32,
                              device=weight.device).index_add_(0, inverse, values.to(weight.device))
-        before = self._pristine_entries(index)
+        before = self.pristine_weight().reshape(-1)[index].clone()
         new_weight = (before.to(summed.dtype) + summed).to(weight.dtype)
         new_bias = None
         if trainable and update.bias_delta is not None:
-            bias = self.base_layer.bias.detach()
+            bias = self.pristine_bias()
             new_bias = (bias.to(summed.dtype) + update.bias_delta.detach().to(summed.dtype)).to(bias.dtype)
         return index, new_weight, new_bias
-
-    def _pristine_entries(self, index: torch.Tensor) -> torch.Tensor:
-        return self.pristine_weight().reshape(-1)[index].clone()
 
     def check_finite(self, name: str, where: str) -> None:
         """Raise :class:`AdapterError` naming ``where`` if merging adapter ``name`` gives NaN/inf weights."""
@@ -203,10 +208,11 @@ class GRFTLayer(nn.Module):
         self._written_index = self._written_index[:0]
         self._written_before, self._written_bias = self._written_before[:0], self._written_bias[:0]
 
-    def _sync_written(self) -> None:
-        """Make what is written match the state (active, disabled, merged, frozen entries)."""
+    def sync(self, rewrite: bool = False) -> None:
+        """Make what is written into the base weight match the model's state (active, merged, disabled, frozen
+        entries); ``rewrite`` writes it again even when it already matches (the update's values changed)."""
         wanted = self._wanted_written()
-        if wanted != self._written:
+        if wanted != self._written or (rewrite and wanted is not None):
             self._restore()
             if wanted is not None:
                 self._write(*wanted)
@@ -219,18 +225,7 @@ class GRFTLayer(nn.Module):
         try:
             yield
         finally:
-            self._sync_written()
-
-    def merge(self) -> None:
-        """Write the active update into the base weight (merging twice is a no-op)."""
-        self._active()
-        self.merged = True
-        self._sync_written()
-
-    def unmerge(self) -> None:
-        """Take the active update out of the base weight again; the base weight is restored bit for bit."""
-        self.merged = False
-        self._sync_written()
+            self.sync()
 
     def pristine_weight(self) -> torch.Tensor:
         """The pre-trained base weight, whatever is written into it (a copy when something is)."""
@@ -249,11 +244,9 @@ class GRFTLayer(nn.Module):
 
     def detach_base(self, merge: bool) -> nn.Module:
         """The base layer to put back in the model: with the active update merged, or exactly pre-trained."""
-        if merge and self.update is not None and not self.disabled:
-            self.merged = True
-            self._sync_written()
-        else:
-            self._restore()
+        self._restore()
+        if merge and self.update is not None:
+            self._write(self.grft_state.active, True)
         self._written = None  # whatever is written stays: the layer leaves the wrapper
         return self.base_layer
 
@@ -291,23 +284,33 @@ class GRFTLayer(nn.Module):
 
     def _update_read_directly(self, name: str) -> Update | None:
         """The update behind a direct read of ``weight`` / ``bias``: the live one, or a uniform batch's adapter."""
-        batch = mixed_batch.current()
+        if self.grft_state.disabled:
+            return None
+        batch = batch_context.current(self.grft_state)
         if batch is None:
             return self._live_update()
         if not batch.uniform:
-            raise AdapterError(f"the model reads this layer's {name} directly (bypassing its forward), so a batch of "
-                               "mixed adapters cannot give each sample its own update; run one adapter at a time.")
+            raise AdapterError(f"the model reads layer {self.grft_name!r}'s {name} directly (bypassing its forward), "
+                               "so a batch of mixed adapters cannot give each sample its own update; run one adapter "
+                               "at a time.")
         return self._group_update(batch.names[0])
 
     def _live_update(self) -> Update | None:
-        """The update the forward adds: active, enabled, not merged; None otherwise."""
+        """The update the forward adds: the active one, unless it is merged into the weight."""
         update = self.update
-        if update is None or self.disabled or self.merged:
-            return None
-        return update
+        if update is None or self._written != (self.grft_state.active, True):
+            return update
+        if self.training and torch.is_grad_enabled() and update.delta.requires_grad:
+            raise AdapterError(f"adapter {self.grft_state.active!r} is merged into the weights, so a training step "
+                               "would change only the tensors it trains in full (the head), not its updates; call "
+                               "grft_vision.unmerge_adapter(model) before training.")
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = mixed_batch.current()
+        state = self.grft_state
+        if state.disabled:  # nothing is written while disabled: the base layer is the base model
+            return self.base_layer(x)
+        batch = batch_context.current(state)
         if batch is not None:
             return self._mixed_forward(x, batch)
         update = self._live_update()
@@ -315,7 +318,7 @@ class GRFTLayer(nn.Module):
 
     def _forward_with(self, update: Update, x: torch.Tensor) -> torch.Tensor:
         """The base output plus ``update``'s contribution (bias delta included)."""
-        if not self._has_channel_form(update):  # the base's own forward with the materialised weight
+        if not update.has_channel_form(self.geometry):  # the base's own forward with the materialised weight
             weight = self.base_layer.weight
             tensors = {"weight": weight + update.delta_weight().to(weight.dtype)}
             if update.bias_delta is not None:
@@ -328,9 +331,9 @@ class GRFTLayer(nn.Module):
             return self.base_layer(x) if update.bias_delta is None else self._base_forward(x, bias)
         return self._update_forward(update, x, bias)
 
-    def _mixed_forward(self, x: torch.Tensor, batch: "mixed_batch.AdapterBatch") -> torch.Tensor:
+    def _mixed_forward(self, x: torch.Tensor, batch: batch_context.AdapterBatch) -> torch.Tensor:
         """Every row of ``x`` with its own adapter's update: the base output once, then each adapter's part."""
-        groups = batch.groups(x.shape[0], x.device)
+        groups = batch.groups(x.shape[0], x.device, batch_major=self.batch_major, where=f"layer {self.grft_name!r}")
         if len(groups) == 1:
             update = self._group_update(groups[0][0])
             return self.base_layer(x) if update is None else self._forward_with(update, x)
@@ -340,7 +343,7 @@ class GRFTLayer(nn.Module):
             if update is None:
                 continue
             inputs = x.index_select(0, rows)
-            if self._has_channel_form(update):
+            if update.has_channel_form(self.geometry):
                 part = y.index_select(0, rows)
                 part = update.add_bias_to(part) if update.bias_delta is not None else part
                 part = update.add_to(part, inputs, self._conv) if update.delta.numel() else part
@@ -350,14 +353,15 @@ class GRFTLayer(nn.Module):
         return y
 
     def _group_update(self, name: str | None) -> Update | None:
-        if self.merged or self._written is not None:
-            raise AdapterError("a batch of mixed adapters needs every adapter unmerged and without frozen entries; "
-                               "call grft_vision.unmerge_adapter(model) first.")
+        if self._written is not None:
+            raise AdapterError(f"layer {self.grft_name!r} has an adapter merged or frozen entries written into its "
+                               "weight; a batch of mixed adapters needs them unmerged (grft_vision.unmerge_adapter).")
         return self.grft_updates[name] if name is not None and name in self.grft_updates else None
 
-    def _has_channel_form(self, update: Update) -> bool:
-        """The update's contribution can be added to the base output without building the dense weight."""
-        return self._plain and update.channel_form
+    @property
+    def geometry(self) -> LayerGeometry:
+        """What the structures need to know of this layer to pick their computation."""
+        return LayerGeometry(plain=self._plain)
 
     def _base_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -378,7 +382,7 @@ class GRFTLayer(nn.Module):
             return getattr(self.base_layer, name)
 
     def extra_repr(self) -> str:
-        return f"active_adapter={self.active_adapter!r}, merged={self.merged}"
+        return f"adapters={list(self.grft_updates)}"
 
 
 class GRFTLinear(GRFTLayer):
@@ -399,25 +403,23 @@ class GRFTConv2d(GRFTLayer):
     Input ``[N, in, H, W]``, output ``[N, out, H', W']``. Row and column updates run as extra small
     convolutions over the chosen channels only. A sparse update of a patchifying convolution (stride equal to
     the kernel, no padding, dilation or groups: a ViT's patch embedding) runs as a sparse linear map over the
-    non-overlapping patches, which cost one copy of the input to lay out; any other sparse convolution would
-    need the unfolded input (``kh * kw`` times the input), more than the dense weight it avoids, so it runs,
-    like convolution subclasses with their own forward (e.g. timm's ``StdConv2d``), the base layer with the
-    materialised effective weight.
+    non-overlapping patches; structures without a channel form for a convolution run, like convolution
+    subclasses with their own forward (e.g. timm's ``StdConv2d``), the base layer with the materialised
+    effective weight.
     """
 
     _plain_types = _PLAIN_CONV_TYPES
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, state: GRFTState, name: str = "", batch_major: bool = False) -> None:
+        super().__init__(base_layer, state, name, batch_major)
         base = base_layer
-        unpadded = tuple(base.padding) == (0, 0) and tuple(base.dilation) == (1, 1) and _own_class(base) is nn.Conv2d
+        unpadded = tuple(base.padding) == (0, 0) and tuple(base.dilation) == (1, 1) and own_class(base) is nn.Conv2d
         self._patchify = unpadded and base.groups == 1 and tuple(base.stride) == tuple(base.kernel_size)
         self._subsampling = unpadded and tuple(base.kernel_size) == (1, 1) and tuple(base.stride) != (1, 1)
 
-    def _has_channel_form(self, update: Update) -> bool:
-        if update.structure == "sparse":
-            return self._plain and self._patchify
-        return self._plain and update.channel_form
+    @property
+    def geometry(self) -> LayerGeometry:
+        return LayerGeometry(plain=self._plain, patchify=self._patchify)
 
     def _base_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         base = self.base_layer
@@ -446,12 +448,12 @@ class GRFTConv2d(GRFTLayer):
         return F.conv2d(x, weight, None, stride, padding, base.dilation, groups)
 
 
-def wrap_layer(layer: nn.Module) -> GRFTLayer:
+def wrap_layer(layer: nn.Module, state: GRFTState, name: str = "", batch_major: bool = False) -> GRFTLayer:
     """Wrap one ``nn.Linear`` or ``nn.Conv2d`` (subclasses included); it holds no adapter yet."""
     if isinstance(layer, nn.Linear):
-        return GRFTLinear(layer)
+        return GRFTLinear(layer, state, name, batch_major)
     if isinstance(layer, nn.Conv2d):
-        return GRFTConv2d(layer)
+        return GRFTConv2d(layer, state, name, batch_major)
     raise TypeError(f"GRFT wraps nn.Linear and nn.Conv2d layers, not {type(layer).__name__}.")
 
 

@@ -3,12 +3,11 @@
 Works for timm models (through ``pretrained_cfg['classifier']`` and ``group_matcher``), Hugging Face
 models, and plain ``torch.nn.Module`` trees (through name conventions and the longest module list). On a
 wrapped model, names are read through the wrappers (``a.base_layer.weight`` is ``a.weight``) and through
-the parametrizations of adapter-owned tensors (``head.parametrizations.weight.original`` is ``head.weight``).
+adapter-owned tensors (``head.grft_owned.weight.original`` is ``head.weight``).
 """
 from __future__ import annotations
 
 import fnmatch
-import logging
 import re
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -16,9 +15,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .config import GRFTConfig
-from .errors import ConfigError
-from .layers import GRFTLayer, _own_class, grft_layers
+from ..errors import ConfigError
+from .layer import GRFTLayer, grft_layers, own_class
 
 __all__ = [
     "ModelGroups",
@@ -36,21 +34,19 @@ __all__ = [
     "model_groups",
     "architecture_name",
     "is_grft_model",
-    "find_target_layers",
 ]
 
-_logger = logging.getLogger(__name__)
 _HEAD_FALLBACK_NAMES = ("head", "classifier", "score", "fc")
 _WRAPPER_SEGMENT = ".base_layer"
-_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
-_ADAPTER_TENSOR = re.compile(r"(^|\.)(grft_updates|parametrizations\.[^.]+\.0\.adapters)\.")
+_OWNED_ORIGINAL = re.compile(r"(^|\.)grft_owned\.([^.]+)\.original$")
+_ADAPTER_TENSOR = re.compile(r"(^|\.)(grft_updates|grft_owned\.[^.]+\.adapters)\.")
 
 
 def original_name(name: str) -> str:
     """The name a parameter/buffer/module had before wrapping: ``a.base_layer.weight`` -> ``a.weight``,
-    ``head.parametrizations.weight.original`` -> ``head.weight``."""
+    ``head.grft_owned.weight.original`` -> ``head.weight``."""
     name = name.replace(_WRAPPER_SEGMENT + ".", ".").removesuffix(_WRAPPER_SEGMENT)
-    return _PARAMETRIZED.sub(r"\1\2", name)
+    return _OWNED_ORIGINAL.sub(r"\1\2", name)
 
 
 def is_adapter_tensor(name: str) -> bool:
@@ -70,7 +66,7 @@ def base_tensors(model: nn.Module, buffers: bool = False) -> dict[str, torch.Ten
 
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` of the unwrapped model's modules: a GRFT wrapper stands for its base layer (under the
-    wrapper's name) and the insides of wrappers and of parametrizations are skipped."""
+    wrapper's name) and the insides of wrappers and of owned tensors (``grft_owned``) are skipped."""
     skipped: list[str] = []
     for name, module in model.named_modules():
         if any(name == prefix or name.startswith(prefix + ".") for prefix in skipped):
@@ -79,15 +75,15 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             skipped.append(name)
             yield name, module.base_layer
             continue
-        skipped.append(f"{name}.parametrizations" if name else "parametrizations")
+        skipped.append(f"{name}.grft_owned" if name else "grft_owned")
         yield name, module
 
 
 def logical_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, bool]]:
     """``(module name, module, tensor name, is buffer)`` of every tensor of the unwrapped model's modules.
 
-    Parametrized tensors are listed under their own name; the insides of GRFT wrappers and of
-    parametrizations are skipped (a wrapper's base layer is never an owner).
+    Owned tensors are listed under their own name; the insides of GRFT wrappers and of owned tensors are
+    skipped (a wrapper's base layer is never an owner).
     """
     wrapped = {name for name, _ in grft_layers(model)}
     for module_name, module in logical_modules(model):
@@ -96,8 +92,8 @@ def logical_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, boo
         for name, param in module._parameters.items():
             if param is not None:
                 yield module_name, module, name, False
-        for name, tensors in getattr(module, "parametrizations", {}).items():
-            yield module_name, module, name, "original" in tensors._buffers
+        for name, owned in module._modules.get("grft_owned", {}).items():
+            yield module_name, module, name, owned.is_buffer
         for name, buffer in module._buffers.items():
             if buffer is not None:
                 yield module_name, module, name, True
@@ -113,7 +109,7 @@ def architecture_name(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and cfg.get("architecture"):
         return str(cfg["architecture"])
-    cls = _own_class(model)
+    cls = own_class(model)
     hf_config = getattr(model, "config", None)
     if getattr(hf_config, "model_type", None):
         return f"{hf_config.model_type}:{cls.__name__}"
@@ -255,34 +251,3 @@ def _fallback_keys(model: nn.Module, names: list[str]) -> dict[str, str | tuple[
 def is_grft_model(model: nn.Module) -> bool:
     """True when ``model`` holds at least one GRFT wrapper."""
     return any(isinstance(module, GRFTLayer) for module in model.modules())
-
-
-def find_target_layers(model: nn.Module, config: GRFTConfig) -> dict[str, nn.Module]:
-    """The ``nn.Linear`` / ``nn.Conv2d`` modules that ``config`` targets, by module name.
-
-    On a wrapped model, a wrapped layer is a candidate under its own name and stands for its base layer.
-    The head, modules matched by ``exclude_modules`` and the projections owned by
-    ``nn.MultiheadAttention`` (which reads their weights directly, bypassing any wrapper) are skipped.
-
-    Raises:
-        ConfigError: no layer is targeted.
-    """
-    head_names = head_module_names(model, config.head_modules)
-    targets = {}
-    attention_owned = {f"{name}.{child}" if name else child
-                       for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
-                       for child, _ in module.named_children()}
-    for name, module in logical_modules(model):
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or in_modules(name, head_names):
-            continue
-        if not matches_any(name, config.target_modules) or matches_any(name, config.exclude_modules):
-            continue
-        if name in attention_owned:
-            _logger.warning("GRFT skips %s: nn.MultiheadAttention reads its weight directly.", name)
-            continue
-        targets[name] = module
-    if not targets:
-        raise ConfigError(f"no nn.Linear / nn.Conv2d of {architecture_name(model)} matches "
-                         f"target_modules={config.target_modules} minus exclude_modules={config.exclude_modules} "
-                         f"(head {head_names} excluded). Check the patterns against model.named_modules().")
-    return targets

@@ -4,7 +4,7 @@ The trainable set follows the GRFT/GPS convention (``shared/reference/benchmark-
 each rule a :class:`~grft_vision.config.GRFTConfig` switch: the chosen entries of every targeted weight
 (``delta``), the biases of targeted layers (``bias_delta``), the classification head and LayerScale gammas
 train; norms, position embeddings and class tokens stay frozen. Every tensor trained in full is owned by
-the adapter (:mod:`grft_vision.owned_tensors`), as are the running statistics of BatchNorm layers (they
+the adapter (:mod:`grft_vision.tuner.owned`), as are the running statistics of BatchNorm layers (they
 change in train mode even when the layer is frozen): the pre-trained values are never overwritten.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from ..config import GRFTConfig
 from .anatomy import base_tensors, grft_layers, in_modules, is_norm, logical_tensors, matches_any
-from .config import GRFTConfig
-from .owned_tensors import owned_tensors
+from .owned import owned_tensors
 
 __all__ = ["fully_trained_tensors", "tracked_statistics", "set_trainable", "adapter_parameters", "LayerReport",
            "TrainableReport", "trainable_parameters_report", "print_trainable_parameters"]
@@ -72,9 +72,9 @@ def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Para
             parameters[f"{name}.delta"] = update.delta
             if update.bias_delta is not None:
                 parameters[f"{name}.bias_delta"] = update.bias_delta
-    for name, _, _, parametrization in owned_tensors(model):
-        if not parametrization.is_buffer and adapter_name in parametrization.adapters:
-            parameters[name] = parametrization.adapters[adapter_name]
+    for name, _, _, owned in owned_tensors(model):
+        if not owned.is_buffer and adapter_name in owned.adapters:
+            parameters[name] = owned.adapters[adapter_name]
     return parameters
 
 

@@ -1,0 +1,80 @@
+"""The identity of a base model: what an adapter records of the model it was trained on, and the check that
+a model is that model.
+
+An adapter records the architecture, pretrained tag / Hub id / input size when known, every backbone
+parameter's shape, and a fingerprint of every backbone parameter (sums in float64, exact up to the rounding
+of a dtype cast), so that loading onto a model the adapter does not fit is an error, never a silent mismatch.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..tuner.anatomy import architecture_name, base_tensors, input_size
+from ..tuner.layer import grft_layers
+
+__all__ = ["fingerprint", "fingerprints_match", "pretrained_parameters", "base_identity"]
+
+_FINGERPRINT_CHUNK = 1 << 20
+_EPS = {"float64": 2.2e-16, "float32": 1.2e-7, "bfloat16": 7.8e-3, "float16": 9.8e-4}
+
+
+@functools.lru_cache(maxsize=4)
+def _pattern(device: torch.device) -> torch.Tensor:
+    """Fixed pseudo-random weights in [-0.5, 0.5), float64, one per position of a fingerprint chunk."""
+    position = torch.arange(_FINGERPRINT_CHUNK, dtype=torch.int64, device=device)
+    return ((position * 2654435761) % 65536).double() / 65536 - 0.5
+
+
+def fingerprint(tensor: torch.Tensor) -> list[float]:
+    """``[sum w, sum w^2, sum c_i w_i]`` in float64, ``c_i`` fixed pseudo-random weights in [-0.5, 0.5).
+
+    Survives device moves; any change of a value moves at least one of the three sums (a permutation moves
+    the third, within each chunk of 2^20 entries).
+    """
+    flat = tensor.detach().reshape(-1)
+    pattern = _pattern(flat.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), _FINGERPRINT_CHUNK):
+        chunk = flat[start:start + _FINGERPRINT_CHUNK].double()
+        sums += torch.stack([chunk.sum(), torch.dot(chunk, chunk), torch.dot(chunk, pattern[:len(chunk)])])
+    return sums.tolist()
+
+
+def fingerprints_match(saved: dict[str, Any], tensor: torch.Tensor) -> bool:
+    """Equal up to the rounding of the coarser of the saved and the current dtype (a cast changes nothing more)."""
+    current = fingerprint(tensor)
+    eps = max(_EPS.get(saved.get("dtype", "float32"), 1e-3), _EPS.get(str(tensor.dtype).removeprefix("torch."), 1e-3))
+    numel = max(tensor.numel(), 1)
+    scale = math.sqrt(numel * max(saved["sums"][1], current[1], 1e-300))  # bounds sum |w|
+    tolerances = (4 * eps * scale, 8 * eps * max(saved["sums"][1], current[1]), 2 * eps * scale)
+    return all(abs(a - b) <= tol for a, b, tol in zip(saved["sums"], current, tolerances))
+
+
+def pretrained_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Backbone parameters by original name, pre-trained values (whatever is merged into a wrapped weight)."""
+    tensors = base_tensors(model)
+    for name, layer in grft_layers(model):
+        tensors[f"{name}.weight"] = layer.pristine_weight()
+        if layer.base_layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.pristine_bias()
+    return tensors
+
+
+def base_identity(model: nn.Module, owned: set[str]) -> dict[str, Any]:
+    """What an adapter records of its base model (the tensors it owns left out)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    tensors = {name: t for name, t in pretrained_parameters(model).items() if name not in owned}
+    return {
+        "architecture": architecture_name(model),
+        "pretrained_tag": cfg.get("tag"),
+        "hf_hub_id": cfg.get("hf_hub_id") or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "input_size": list(input_size(model) or []) or None,
+        "param_shapes": {name: list(t.shape) for name, t in tensors.items()},
+        "fingerprints": {name: {"dtype": str(t.dtype).removeprefix("torch."), "sums": fingerprint(t)}
+                         for name, t in tensors.items()},
+    }
