@@ -28,7 +28,7 @@ from grft_vision.tuner.targets import find_target_layers
 from grft_vision.data import SyntheticImageDataset, TwoViews, contrastive_transform, create_transforms
 from grft_vision.tuner.regularization import L2ToPretrained
 from grft_vision.selection import compute_scores
-from grft_vision.training import DistributedContext, ImageBatches, Monitor, Precision, train_one_epoch
+from grft_vision.training import TrainStep, train_one_epoch
 
 SETTINGS = {  # name -> (views per image, subsets)
     "select 2 views": (2, 1),
@@ -62,11 +62,10 @@ def _time_epoch(model: nn.Module, loader: DataLoader) -> float:
     scores = {f"{n}.weight": torch.rand(m.weight.shape) for n, m in find_target_layers(wrapped, GRFTConfig()).items()}
     apply_grft(wrapped, scores, GRFTConfig(structure="row", k=1, reg_lambda=1e-6))
     optimizer = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3)
-    context = DistributedContext()
+    step = TrainStep(wrapped, optimizer, nn.CrossEntropyLoss(),
+                     regularizer=L2ToPretrained(wrapped, wrapped.grft_state.config))
     start = time.perf_counter()
-    train_one_epoch(wrapped, loader, optimizer, nn.CrossEntropyLoss(), batches=ImageBatches(),
-                    regularizer=L2ToPretrained(wrapped, wrapped.grft_state.config), precision=Precision(context.device, False),
-                    context=context, monitor=Monitor(None), epoch=0, global_step=0, progress=False)
+    train_one_epoch(step, loader, epoch=0, progress=False)
     return time.perf_counter() - start
 
 

@@ -69,8 +69,7 @@ from grft_vision.tuner.targets import find_target_layers  # noqa: E402
 from grft_vision.data import TwoViews, contrastive_transform, create_transforms  # noqa: E402
 from grft_vision.selection import LayerSelection, compute_scores  # noqa: E402
 from grft_vision.selection.schedules import MaskSchedule, create_schedule  # noqa: E402
-from grft_vision.training import (DistributedContext, ImageBatches, Monitor, Precision, evaluate,  # noqa: E402
-                                  train_one_epoch)
+from grft_vision.training import DistributedContext, TrainStep, evaluate, train_one_epoch  # noqa: E402
 
 __all__ = [
     "Settings", "FULL", "QUICK", "Method", "MethodContext", "Prepared", "METHODS", "register", "grft_method",
@@ -742,28 +741,25 @@ def finetune(job: Job, settings: Settings, state: dict[str, torch.Tensor], data:
                                                   warmup_epochs=settings.warmup_epochs, warmup_lr=job.lr * 1e-3,
                                                   min_lr=job.lr * 1e-3, warmup_prefix=True)
     context = DistributedContext(device=device)
-    precision = Precision(context.device, False)
-    monitor = Monitor(None)
     before_step = None
     if prepared.schedule is not None:
         def before_step(global_step: int) -> None:
             prepared.schedule.before_step(global_step, optimizer)
 
-    step, losses = 0, {}
+    train_step = TrainStep(prepared.model, optimizer, nn.CrossEntropyLoss(), regularizer=prepared.regularizer,
+                           before_step=before_step, context=context)
+    losses = {}
     for epoch in range(total_epochs):
-        losses, step = train_one_epoch(prepared.model, loader, optimizer, nn.CrossEntropyLoss(), batches=ImageBatches(),
-                                       regularizer=prepared.regularizer, precision=precision, context=context,
-                                       monitor=monitor, epoch=epoch, global_step=step, progress=False,
-                                       before_step=before_step)
+        losses = train_one_epoch(train_step, loader, epoch, progress=False)
         scheduler.step(epoch + 1)
+    step = train_step.global_step
     # counted after training: a schedule swaps the optimizer's tensors (incremental ones grow to the budget)
     trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     if prepared.schedule is not None:
         prepared.info.update(report_trainable=trainable_parameters_report(prepared.model).trainable,
                              schedule_events=prepared.schedule.events, entry_updates=prepared.schedule.updates,
                              mean_trainable_per_step=prepared.schedule.updates / max(step, 1))
-    predictions, targets = evaluate(prepared.model, test_loader, batches=ImageBatches(), precision=precision,
-                                    context=context, progress=False)
+    predictions, targets = evaluate(prepared.model, test_loader, context=context, progress=False)
     top1 = float((predictions == targets).float().mean())
     return {
         "target": job.target, "method": job.method, "seed": job.seed, "split": job.split, "lr": job.lr,

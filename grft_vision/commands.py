@@ -23,21 +23,18 @@ def _exit_code(run: Callable[[], int]) -> int:
         return 2
 
 
-def _vision(benchmark: str, argv: Sequence[str] | None) -> int:
-    from .training.cli import main
-    from .training.config import builtin_config_dir
-
-    return _exit_code(lambda: main(benchmark, argv, builtin_config_dir(benchmark)))
-
-
 def train_vtab(argv: Sequence[str] | None = None) -> int:
     """``grft-train-vtab``: GRFT on a VTAB-1k task (``argv``: the arguments; None: ``sys.argv[1:]``)."""
-    return _vision("vtab", argv)
+    from .training.cli import main
+
+    return main("vtab", argv)
 
 
 def train_fgvc(argv: Sequence[str] | None = None) -> int:
     """``grft-train-fgvc``: GRFT on an FGVC dataset (``argv``: the arguments; None: ``sys.argv[1:]``)."""
-    return _vision("fgvc", argv)
+    from .training.cli import main
+
+    return main("fgvc", argv)
 
 
 def train_glue(argv: Sequence[str] | None = None) -> int:

@@ -132,27 +132,27 @@ class SimulatedCrash(Exception):
 
 
 def raise_at_epoch(monkeypatch, epoch: int, error: type[BaseException]) -> Callable[..., Any]:
-    """Make the runner's ``train_one_epoch`` raise ``error`` at the start of ``epoch``; returns the original."""
-    from grft_vision.training import runner
+    """Make the step loop (``train_one_epoch``) raise ``error`` at the start of ``epoch``; returns the original."""
+    from grft_vision.training import trainer
 
-    original = runner.train_one_epoch
+    original = trainer.train_one_epoch
 
-    def raising(*positional, **named):
-        if named["epoch"] == epoch:
+    def raising(step, loader, at_epoch, progress=True):
+        if at_epoch == epoch:
             raise error
-        return original(*positional, **named)
+        return original(step, loader, at_epoch, progress)
 
-    monkeypatch.setattr(runner, "train_one_epoch", raising)
+    monkeypatch.setattr(trainer, "train_one_epoch", raising)
     return original
 
 
 def crash_then_resume(main: Callable[..., int], args: list[str], monkeypatch, crash_epoch: int) -> None:
     """``main(*args)`` until a simulated crash at the start of ``crash_epoch``, then ``main(*args, '--resume')``
     to the end (``args`` name the run directory)."""
-    from grft_vision.training import runner
+    from grft_vision.training import trainer
 
     original = raise_at_epoch(monkeypatch, crash_epoch, SimulatedCrash)
     with pytest.raises(SimulatedCrash):
         main(*args)
-    monkeypatch.setattr(runner, "train_one_epoch", original)
+    monkeypatch.setattr(trainer, "train_one_epoch", original)
     assert main(*args, "--resume") == 0

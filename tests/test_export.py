@@ -18,7 +18,7 @@ from grft_vision.export import main as export_main
 from grft_vision.io.checkpoints import read_saved
 from grft_vision.io.export import export_merged
 from grft_vision.training import cli, create_timm_model
-from grft_vision.training.config import TrainConfig, builtin_config_dir
+from grft_vision.training.config import VisionTrainConfig, builtin_config_dir
 
 from conftest import random_scores
 
@@ -92,7 +92,7 @@ def test_run_checkpoint_and_adapter_file_give_the_same_plain_weights(tmp_path):
     second = timm.models.load_state_dict(str(tmp_path / "b.safetensors"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
-    base = create_timm_model(TrainConfig(model="test_vit", img_size=32, checkpoint=str(weights)), 10)
+    base = create_timm_model(VisionTrainConfig(model="test_vit", img_size=32, checkpoint=str(weights)), 10)
     reference = load_adapter(base, run_dir / "adapter.safetensors").eval()
     plain = timm.create_model("test_vit", num_classes=10, img_size=32, checkpoint_path=str(tmp_path / "a.pth")).eval()
     images = torch.randn(2, 3, 32, 32)

@@ -33,24 +33,24 @@ RESUMING = textwrap.dedent("""
     # train_glue.py interrupted at the start of epoch 2, then run again with --resume (every rank does both)
     import sys
     from grft_vision.llm import cli
-    from grft_vision.training import runner
+    from grft_vision.training import trainer
 
     class Crash(Exception):
         pass
 
-    original = runner.train_one_epoch
+    original = trainer.train_one_epoch
 
-    def crashing(*args, **kwargs):
-        if kwargs["epoch"] == 1:
+    def crashing(step, loader, epoch, progress=True):
+        if epoch == 1:
             raise Crash
-        return original(*args, **kwargs)
+        return original(step, loader, epoch, progress)
 
-    runner.train_one_epoch = crashing
+    trainer.train_one_epoch = crashing
     try:
         cli.main(sys.argv[1:], cli.CONFIG_DIR)
     except Crash:
         pass
-    runner.train_one_epoch = original
+    trainer.train_one_epoch = original
     sys.exit(cli.main([*sys.argv[1:], "--resume"], cli.CONFIG_DIR))
 """)
 
@@ -71,7 +71,7 @@ def test_replicated_parameters_are_the_adapter_owned_originals_and_other_dtypes(
     assert not any(param.requires_grad for param in sharded)  # FSDP never reduces a gradient
     with pytest.raises(ConfigError, match="launch it with torchrun"):
         shard_frozen_base(model, DistributedContext())
-    with pytest.raises(ConfigError, match="full fine-tuning"):
+    with pytest.raises(ConfigError, match="--method full trains the base's weights"):
         GlueTrainConfig(fsdp=True, method="full")
 
 

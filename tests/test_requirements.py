@@ -26,7 +26,7 @@ PACKAGE = REPO / "grft_vision"
 # (distribution, the release that introduced it, a regular expression finding its use in grft_vision/)
 LOWER_BOUND_REASONS = [
     ("torch", "2.3", r"from torch\.nn\.attention import .*sdpa_kernel"),
-    ("torch", "2.3", r"torch\.amp\.GradScaler\(\"cuda\"\)"),
+    ("timm", "1.0.10", r"NativeScaler\(self\.device\.type\)"),  # timm's loss scaler takes the device
     ("torch", "2.0", r"torch\.func\.functional_call"),
     ("timm", "1.0.12", r"create_scheduler_v2\("),  # returns the epochs with the warm-up prefix (below)
     ("timm", "0.9", r"from timm\.layers"),

@@ -21,8 +21,9 @@ from grft_vision.files import atomic_write, remove_temporaries
 from grft_vision.selection import SelectionError, choose_indices
 from grft_vision.training import cli, create_timm_model
 from grft_vision.training.checkpoint import load_checkpoint
-from grft_vision.training.config import TrainConfig
-from grft_vision.training.loop import DivergenceWatch, TrainingError, check_finite_parameters
+from grft_vision.training.config import VisionTrainConfig
+from grft_vision import TrainingError
+from grft_vision.training.divergence import DivergenceWatch, check_finite_parameters
 from grft_vision.training.task import VisionTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def test_run_directory_belongs_to_one_run(tmp_path, capsys):
     assert train(*TINY, "--run-dir", str(run_dir), "--rows", "1") == 0
     events = len(list((run_dir / "tb").iterdir()))
     assert train(*TINY, "--run-dir", str(run_dir), "--rows", "2") == 2  # a reused directory is refused
-    assert "already holds files" in capsys.readouterr().err
+    assert "already holds a run" in capsys.readouterr().err
 
     # the issue's case: a k=2 run's config.yaml next to the k=1 run's checkpoint (the k=2 run died early)
     settings = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -68,7 +69,7 @@ def test_checkpoint_of_the_model_at_another_size_and_class_count_loads(tmp_path)
     """Only the head differs (1000 classes in the file), and timm resamples the position embedding."""
     source = timm.create_model("test_vit", pretrained=False)
     save_file(source.state_dict(), tmp_path / "w.safetensors")
-    config = TrainConfig(model="test_vit", img_size=32, checkpoint=str(tmp_path / "w.safetensors"))
+    config = VisionTrainConfig(model="test_vit", img_size=32, checkpoint=str(tmp_path / "w.safetensors"))
     loaded = create_timm_model(config, 10)
     assert torch.equal(loaded.blocks[3].mlp.fc1.weight, source.blocks[3].mlp.fc1.weight)
     assert loaded.pos_embed.shape[1] == 1 + 2 * 2 and loaded.head.out_features == 10
@@ -161,11 +162,11 @@ def test_large_k_is_refused_before_the_selection_pass(tmp_path, capsys, monkeypa
     (GRFTConfig, {"reg_lambda": float("inf")}, r"reg_lambda=inf must be a finite number"),
     (GRFTConfig, {"clamp_k": 1}, r"clamp_k=1 must be true or false"),
     (GRFTConfig, {"selection_batch_size": 0}, r"selection_batch_size=0 must be >= 1"),
-    (TrainConfig, {"std": [0.5, 0.0, 0.5]}, r"std=.* each > 0"),
-    (TrainConfig, {"smoothing": 1.0}, r"smoothing=1\.0 must be in \[0, 1\)"),
-    (TrainConfig, {"synthetic_image_size": 2}, r"synthetic_image_size=2 must be >= 4"),
-    (TrainConfig, {"interpolation": "cubic"}, r"interpolation='cubic' is not known"),
-    (TrainConfig, {"amp": "no"}, r"amp='no' must be true or false"),
+    (VisionTrainConfig, {"std": [0.5, 0.0, 0.5]}, r"std=.* each > 0"),
+    (VisionTrainConfig, {"smoothing": 1.0}, r"smoothing=1\.0 must be in \[0, 1\)"),
+    (VisionTrainConfig, {"synthetic_image_size": 2}, r"synthetic_image_size=2 must be >= 4"),
+    (VisionTrainConfig, {"interpolation": "cubic"}, r"interpolation='cubic' is not known"),
+    (VisionTrainConfig, {"amp": "no"}, r"amp='no' must be true or false"),
 ])
 def test_settings_are_validated_when_built(cls, values, message):
     with pytest.raises(ConfigError, match=message):

@@ -17,7 +17,7 @@ from tensorflow_datasets.testing import mocking
 
 from grft_vision import load_adapter
 from grft_vision.training import cli, create_timm_model
-from grft_vision.training.config import TrainConfig, builtin_config_dir
+from grft_vision.training.config import VisionTrainConfig, builtin_config_dir
 
 from conftest import crash_then_resume, histories_of_one_and_two_processes
 
@@ -44,7 +44,7 @@ def check_outputs(run_dir: Path, dataset: str) -> dict:
     selection = json.loads((run_dir / "selection.json").read_text())
     assert selection["layers"] and all(0 <= layer["chosen_share"] <= 1 for layer in selection["layers"])
     assert (run_dir / "checkpoint.pt").is_file() and list((run_dir / "tb").glob("events.out.tfevents.*"))
-    model = create_timm_model(TrainConfig(model="vit_tiny_patch16_224", pretrained=False, img_size=32),
+    model = create_timm_model(VisionTrainConfig(model="vit_tiny_patch16_224", pretrained=False, img_size=32),
                                      metrics_classes(run_dir))
     load_adapter(model, run_dir / "adapter.safetensors", check_weights=False)
     return metrics
@@ -199,7 +199,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     outputs = []
     for name in ("one", "two"):
         torch.manual_seed(42)
-        model = create_timm_model(TrainConfig(model="vit_tiny_patch16_224", pretrained=False, img_size=32), 10)
+        model = create_timm_model(VisionTrainConfig(model="vit_tiny_patch16_224", pretrained=False, img_size=32), 10)
         outputs.append(load_adapter(model, tmp_path / name / "adapter.safetensors").eval()(images))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
 

@@ -1,4 +1,4 @@
-"""How the shared training loop reads token batches (:class:`grft_vision.training.loop.Batches`)."""
+"""How the shared training loop reads token batches (:class:`grft_vision.training.trainer.Batches`)."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..training.loop import Batches
+from ..training.trainer import Batches
 from .features import MODEL_INPUTS
 
 __all__ = ["TokenBatches"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ..config import ConfigError
 from ..training.config import TrainConfig
+from ..training.methods import METHODS
 from .data import GLUE_LAYOUTS
 
 __all__ = ["GlueTrainConfig", "DTYPES", "POOLINGS"]
@@ -77,9 +78,9 @@ class GlueTrainConfig(TrainConfig):
             raise ConfigError(f"max_length={self.max_length!r} must be an int >= 2.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1).")
-        if self.fsdp and self.method == "full":
-            raise ConfigError("fsdp=true shards the frozen base of a GRFT (or head-only) run; full fine-tuning trains "
-                              "every weight: run it with torchrun without --fsdp (DDP).")
+        if self.fsdp and METHODS.get(self.method).trains_base:
+            raise ConfigError(f"fsdp=true shards the frozen base of a run; --method {self.method} trains the base's "
+                              "weights: run it with torchrun without --fsdp (DDP).")
         if self.warmup_ratio > 0 and (self.warmup_epochs > 0 or not self.sched_on_updates):
             raise ConfigError("warmup_ratio > 0 is a warm-up counted in updates inside --epochs: it needs "
                               "sched_on_updates=true and warmup_epochs=0 (set warmup_ratio=0 to use warmup_epochs).")

@@ -73,7 +73,7 @@ def save_checkpoint(path: str | os.PathLike, *, epoch: int, adapter: tuple[dict,
         mask_schedule: the state of a dynamic or incremental mask schedule.
         settings: the run's resolved settings (``config.yaml``); a resume compares them with its own.
         seconds: time spent so far, ``{"selection": s, "train": s}``, carried into a resumed run's metrics.
-        divergence: the state of the run's :class:`~grft_vision.training.loop.DivergenceWatch`.
+        divergence: the state of the run's :class:`~grft_vision.training.divergence.DivergenceWatch`.
     """
     payload = {
         "epoch": epoch,

@@ -28,7 +28,9 @@ from safetensors import SafetensorError
 from ..config import GRFTConfig
 from ..data import DATASET_NAMES, dataset_num_classes
 from ..errors import ConfigError, GRFTError, TrainingError, did_you_mean
-from .config import TrainConfig, builtin_config_files, load_layers, split_settings, yaml_problem
+from ..extras import MissingDependencyError
+from .config import (TrainConfig, VisionTrainConfig, builtin_config_dir, builtin_config_files, load_layers,
+                     split_settings, yaml_problem)
 
 if TYPE_CHECKING:
     from .task import Task
@@ -108,7 +110,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def build_parser(benchmark: str, *, config_cls: type[TrainConfig] = TrainConfig,
+def build_parser(benchmark: str, *, config_cls: type[TrainConfig] = VisionTrainConfig,
                  dataset_names: Sequence[str] | None = None, flags: Flags | None = None) -> argparse.ArgumentParser:
     """The argument parser of ``train_<benchmark>.py``.
 
@@ -145,7 +147,7 @@ def build_parser(benchmark: str, *, config_cls: type[TrainConfig] = TrainConfig,
     return parser
 
 
-def _help(key: str, config_cls: type[TrainConfig] = TrainConfig) -> str:
+def _help(key: str, config_cls: type[TrainConfig] = VisionTrainConfig) -> str:
     item = config_cls.__dataclass_fields__.get(key)
     return item.metadata.get("help", "") if item is not None else GRFTConfig.help_text(key)
 
@@ -157,7 +159,7 @@ def check_dataset_name(name: str, valid: Sequence[str]) -> None:
 
 
 def resolve_settings(benchmark: str, argv: Sequence[str] | None, config_dir: str | Path, *,
-                     config_cls: type[TrainConfig] = TrainConfig, dataset_names: Sequence[str] | None = None,
+                     config_cls: type[TrainConfig] = VisionTrainConfig, dataset_names: Sequence[str] | None = None,
                      flags: Flags | None = None) -> tuple[TrainConfig, GRFTConfig, str]:
     """Parse ``argv`` and resolve every setting; returns ``(train config, GRFT config, start)``.
 
@@ -194,20 +196,22 @@ def resolve_settings(benchmark: str, argv: Sequence[str] | None, config_dir: str
     return train, grft, "resume" if args.resume else "overwrite" if args.overwrite else "new"
 
 
-def main(benchmark: str, argv: Sequence[str] | None, config_dir: str | Path, *,
-         config_cls: type[TrainConfig] = TrainConfig, dataset_names: Sequence[str] | None = None,
+def main(benchmark: str, argv: Sequence[str] | None, config_dir: str | Path | None = None, *,
+         config_cls: type[TrainConfig] = VisionTrainConfig, dataset_names: Sequence[str] | None = None,
          flags: Flags | None = None, task: Task | None = None) -> int:
     """Run ``train_<benchmark>.py``: resolve settings, train, evaluate. Returns the exit code (see the module).
 
     Args:
-        benchmark, argv, config_dir: the script's benchmark name, its arguments, its config folder.
+        benchmark, argv, config_dir: the script's benchmark name, its arguments, its config folder (default: the
+            benchmark's built-in configs).
         config_cls, dataset_names, flags: see :func:`resolve_settings` (defaults: the vision scripts').
         task: the run's :class:`~grft_vision.training.task.Task`; None: the vision task.
     """
-    from .runner import run  # heavy imports only once the arguments are valid
-
     train = None
     try:
+        from .runner import run  # heavy imports only once the arguments are valid
+
+        config_dir = builtin_config_dir(benchmark) if config_dir is None else config_dir
         train, grft, start = resolve_settings(benchmark, argv, config_dir, config_cls=config_cls,
                                               dataset_names=dataset_names, flags=flags)
         metrics = run(train, grft, resume=start == "resume", overwrite=start == "overwrite", task=task)
@@ -215,6 +219,8 @@ def main(benchmark: str, argv: Sequence[str] | None, config_dir: str | Path, *,
         return _fail(EXIT_FAILED, error_message(error))
     except USER_ERRORS as error:
         return _fail(EXIT_INVALID, error_message(error))
+    except MissingDependencyError as error:
+        return _fail(EXIT_INVALID, str(error))
     except OSError as error:  # disk full, permissions, a folder where a file should be, ...
         return _fail(EXIT_INVALID, describe_os_error(error))
     except SafetensorError as error:

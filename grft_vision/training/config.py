@@ -22,10 +22,9 @@ from timm.scheduler import create_scheduler_v2
 from ..config import GRFTConfig, check_field_types, check_range, coerce_numbers
 from ..errors import ConfigError, did_you_mean
 
-__all__ = ["TrainConfig", "METHODS", "INTERPOLATIONS", "builtin_config_dir", "builtin_config_files", "load_layers",
+__all__ = ["TrainConfig", "VisionTrainConfig", "INTERPOLATIONS", "builtin_config_dir", "builtin_config_files", "load_layers",
            "split_settings", "resolved_settings", "max_workers", "yaml_problem"]
 
-METHODS = ("grft", "full", "head")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")  # timm's names
 
 
@@ -36,27 +35,22 @@ def max_workers() -> int:
 
 @dataclass
 class TrainConfig:
-    """Everything about a run except the GRFT options (those live in :class:`GRFTConfig`)."""
+    """The settings every run has, vision or language (the GRFT options live in :class:`GRFTConfig`).
+
+    :class:`VisionTrainConfig` (``train_vtab.py``, ``train_fgvc.py``) and
+    :class:`~grft_vision.llm.GlueTrainConfig` (``train_glue.py``) add what their kind of run needs.
+    """
 
     # --- data ---------------------------------------------------------------------------------
-    dataset: str = field(default="synthetic", metadata={"help": "Dataset name (VTAB task, FGVC dataset, synthetic)."})
-    data_dir: str | None = field(default=None, metadata={"help": "TFDS data dir, VTAB folder root or FGVC root."})
-    layout: str = field(default="auto", metadata={"help": "Data layout: auto, tfds, folder, json, official."})
+    dataset: str = field(default="synthetic", metadata={"help": "Dataset name."})
+    data_dir: str | None = field(default=None, metadata={"help": "Where the dataset is."})
+    layout: str = field(default="auto", metadata={"help": "Data layout (auto: detected)."})
     train_split: str = field(default="train800val200", metadata={"help": "Split to train (and select) on."})
-    eval_split: str = field(default="test", metadata={"help": "Split to report top-1 on."})
+    eval_split: str = field(default="test", metadata={"help": "Split to report metrics on."})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes."})
-    synthetic_classes: int = field(default=10, metadata={"help": "Classes of the synthetic dataset."})
-    synthetic_samples: int = field(default=1000, metadata={"help": "Training images of the synthetic dataset."})
-    synthetic_image_size: int = field(default=32, metadata={"help": "Side of the synthetic images (pixels)."})
     # --- model ------------------------------------------------------------------------------------
-    model: str = field(default="vit_base_patch16_224.augreg_in21k", metadata={"help": "timm model name."})
-    pretrained: bool = field(default=True, metadata={"help": "Load pre-trained weights (hub or --checkpoint)."})
-    checkpoint: str | None = field(default=None, metadata={"help": "Local weights file for the timm model."})
-    img_size: int | None = field(default=None, metadata={"help": "Input side (pixels); None: the model's."})
-    drop_path: float = field(default=0.0, metadata={"help": "Stochastic depth rate."})
-    interpolation: str | None = field(default=None, metadata={"help": "Resize interpolation; None: protocol's."})
-    mean: list[float] | None = field(default=None, metadata={"help": "Normalisation mean; None: the model's."})
-    std: list[float] | None = field(default=None, metadata={"help": "Normalisation std; None: the model's."})
+    model: str = field(default="vit_base_patch16_224.augreg_in21k", metadata={"help": "The model to fine-tune."})
+    pretrained: bool = field(default=True, metadata={"help": "Load pre-trained weights (false: random initialisation)."})
     # --- optimisation -----------------------------------------------------------------------------
     method: str = field(default="grft", metadata={"help": "grft, full (full fine-tuning) or head (linear probe)."})
     opt: str = field(default="adam", metadata={"help": "timm optimizer name (create_optimizer_v2)."})
@@ -69,8 +63,6 @@ class TrainConfig:
     min_lr: float = field(default=1e-8, metadata={"help": "Learning rate at the end of the cosine."})
     sched: str = field(default="cosine", metadata={"help": "timm scheduler name (create_scheduler_v2)."})
     clip_grad: float | None = field(default=None, metadata={"help": "Clip the gradient norm to this value (> 0)."})
-    mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (0: off)."})
-    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off)."})
     smoothing: float = field(default=0.0, metadata={"help": "Label smoothing."})
     amp: bool = field(default=True, metadata={"help": "Mixed precision on CUDA (bf16 where supported)."})
     seed: int = field(default=42, metadata={"help": "Seed of the model head, data order and selection."})
@@ -91,27 +83,25 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        if self.method not in METHODS:
-            raise ConfigError(f"method={self.method!r} is not known; use one of {', '.join(METHODS)}.")
-        for name in ("epochs", "batch_size", "eval_every", "synthetic_classes", "synthetic_samples", "img_size",
-                     "divergence_window"):
+        from .methods import METHODS
+
+        METHODS.get(self.method)
+        for name in ("epochs", "batch_size", "eval_every", "divergence_window"):
             check_range(self, name, low=1)
-        for name in ("warmup_epochs", "seed", "weight_decay", "warmup_lr", "min_lr", "mixup", "cutmix"):
+        for name in ("warmup_epochs", "seed", "weight_decay", "warmup_lr", "min_lr"):
             check_range(self, name, low=0)
         if not 0 <= self.workers <= max_workers():
             raise ConfigError(f"workers={self.workers!r} must be in [0, {max_workers()}]: each loader starts that "
                               "many processes, and more than the CPU cores only cost memory.")
-        check_range(self, "synthetic_image_size", low=4)
         check_range(self, "lr", low=0, low_open=True)
         check_range(self, "clip_grad", low=0, low_open=True)
-        check_range(self, "drop_path", low=0, high=1, high_open=True)
         check_range(self, "smoothing", low=0, high=1, high_open=True)
         if self.divergence_factor != 0:
             check_range(self, "divergence_factor", low=1, low_open=True)
         self._check_names()
 
     def _check_names(self) -> None:
-        """Values timm or torch would refuse only later: optimizer, schedule, interpolation, mean/std, device."""
+        """Values timm or torch would refuse only later: optimizer, schedule, device."""
         optimizer = self.opt.lower().removeprefix("lookahead_")
         if optimizer not in list_optimizers():
             raise ConfigError(f"opt={self.opt!r} is not a timm optimizer.{did_you_mean(optimizer, list_optimizers())} "
@@ -122,14 +112,6 @@ class TrainConfig:
             except ValueError:
                 raise ConfigError(f"sched={self.sched!r} is not a timm scheduler; use linear, cosine, tanh, step, "
                                   "multistep, poly, constant or none.") from None
-        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
-            raise ConfigError(f"interpolation={self.interpolation!r} is not known; use one of "
-                              f"{', '.join(INTERPOLATIONS)}.")
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):
-                raise ConfigError(f"{name}={value!r} must be 3 numbers, one per RGB channel"
-                                  + (", each > 0." if name == "std" else "."))
         if self.device is not None:
             try:
                 torch.device(self.device)
@@ -140,6 +122,46 @@ class TrainConfig:
     def total_epochs(self) -> int:
         """Warm-up plus cosine epochs."""
         return self.warmup_epochs + self.epochs
+
+
+@dataclass
+class VisionTrainConfig(TrainConfig):
+    """Settings of ``train_vtab.py`` and ``train_fgvc.py``: the shared ones, plus images and timm models."""
+
+    dataset: str = field(default="synthetic", metadata={"help": "Dataset name (VTAB task, FGVC dataset, synthetic)."})
+    data_dir: str | None = field(default=None, metadata={"help": "TFDS data dir, VTAB folder root or FGVC root."})
+    layout: str = field(default="auto", metadata={"help": "Data layout: auto, tfds, folder, json, official."})
+    eval_split: str = field(default="test", metadata={"help": "Split to report top-1 on."})
+    synthetic_classes: int = field(default=10, metadata={"help": "Classes of the synthetic dataset."})
+    synthetic_samples: int = field(default=1000, metadata={"help": "Training images of the synthetic dataset."})
+    synthetic_image_size: int = field(default=32, metadata={"help": "Side of the synthetic images (pixels)."})
+    model: str = field(default="vit_base_patch16_224.augreg_in21k", metadata={"help": "timm model name."})
+    pretrained: bool = field(default=True, metadata={"help": "Load pre-trained weights (hub or --checkpoint)."})
+    checkpoint: str | None = field(default=None, metadata={"help": "Local weights file for the timm model."})
+    img_size: int | None = field(default=None, metadata={"help": "Input side (pixels); None: the model's."})
+    drop_path: float = field(default=0.0, metadata={"help": "Stochastic depth rate."})
+    interpolation: str | None = field(default=None, metadata={"help": "Resize interpolation; None: protocol's."})
+    mean: list[float] | None = field(default=None, metadata={"help": "Normalisation mean; None: the model's."})
+    std: list[float] | None = field(default=None, metadata={"help": "Normalisation std; None: the model's."})
+    mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (0: off)."})
+    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("synthetic_classes", "synthetic_samples", "img_size"):
+            check_range(self, name, low=1)
+        for name in ("mixup", "cutmix"):
+            check_range(self, name, low=0)
+        check_range(self, "synthetic_image_size", low=4)
+        check_range(self, "drop_path", low=0, high=1, high_open=True)
+        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"interpolation={self.interpolation!r} is not known; use one of "
+                              f"{', '.join(INTERPOLATIONS)}.")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):
+                raise ConfigError(f"{name}={value!r} must be 3 numbers, one per RGB channel"
+                                  + (", each > 0." if name == "std" else "."))
 
 
 def builtin_config_dir(benchmark: str) -> Path:
@@ -177,7 +199,7 @@ def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def load_layers(paths: Iterable[str | Path], config_cls: type[TrainConfig] = TrainConfig) -> dict[str, Any]:
+def load_layers(paths: Iterable[str | Path], config_cls: type[TrainConfig] = VisionTrainConfig) -> dict[str, Any]:
     """Merge YAML mappings in order (later files override earlier ones), checking every key.
 
     ``config_cls`` is the run-settings class whose keys are valid besides :class:`GRFTConfig`'s
@@ -204,7 +226,7 @@ def yaml_problem(error: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
-def _check_keys(values: Mapping[str, Any], where: str, config_cls: type[TrainConfig] = TrainConfig) -> None:
+def _check_keys(values: Mapping[str, Any], where: str, config_cls: type[TrainConfig] = VisionTrainConfig) -> None:
     known = _field_names(config_cls) | set(GRFTConfig.keys())
     for key in values:
         if key not in known:
@@ -212,7 +234,7 @@ def _check_keys(values: Mapping[str, Any], where: str, config_cls: type[TrainCon
 
 
 def split_settings(values: Mapping[str, Any], where: str = "settings",
-                   config_cls: type[TrainConfig] = TrainConfig) -> tuple[TrainConfig, GRFTConfig]:
+                   config_cls: type[TrainConfig] = VisionTrainConfig) -> tuple[TrainConfig, GRFTConfig]:
     """Build ``(config_cls, GRFTConfig)`` from one flat mapping of keys (``config_cls``: see :func:`load_layers`)."""
     _check_keys(values, where, config_cls)
     train_keys = _field_names(config_cls)

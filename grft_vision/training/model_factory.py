@@ -22,7 +22,7 @@ from torch import nn
 
 from ..tuner.anatomy import head_module_names
 from ..errors import ModelLoadError, did_you_mean
-from .config import TrainConfig
+from .config import VisionTrainConfig
 
 __all__ = ["ModelLoadError", "create_timm_model", "describe_weights"]
 
@@ -43,7 +43,7 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
-def create_timm_model(train: TrainConfig, num_classes: int) -> nn.Module:
+def create_timm_model(train: VisionTrainConfig, num_classes: int) -> nn.Module:
     """``timm.create_model`` with the run's weights source, class count, image size and drop-path.
 
     Raises:
@@ -148,7 +148,7 @@ def describe_weights(state: Mapping[str, torch.Tensor]) -> str:
     return f"another architecture (its first weights: {_few(list(state))})"
 
 
-def _check_image_size(model: nn.Module, train: TrainConfig) -> None:
+def _check_image_size(model: nn.Module, train: VisionTrainConfig) -> None:
     """Run one blank image of ``img_size`` through the model, so that a size it cannot take fails now."""
     was_training = model.training
     try:

@@ -1,64 +1,45 @@
-"""One fine-tuning run, start to finish (what the training scripts execute), for any :class:`Task`.
+"""One run, start to finish (what the training scripts execute), for any :class:`~.task.Task` and
+:class:`~.methods.Method`: it wires the pieces and owns none of them.
 
-data -> model -> selection (SupCon gradients, main process) -> ``apply_grft`` -> optimizer on the trainable
-tensors + L2-to-pretrained -> schedule with warm-up -> evaluation -> outputs. The run directory
-receives ``config.yaml``, ``selection.json``, ``adapter.safetensors``, ``checkpoint.pt`` (every epoch),
-``metrics.json`` and TensorBoard events, every file written atomically; ``resume=True`` continues from the
-checkpoint to the result an uninterrupted run gives.
-
-A run directory belongs to one run: a new run refuses a directory that holds files unless
-``overwrite=True`` (which deletes the old run's files), and a resume refuses a checkpoint whose settings
-are not the run's (a stale checkpoint of an earlier run in the same directory).
+settings -> run directory checked (:mod:`.run_dir`) -> data and model (the task) -> the method makes the model
+trainable (GRFT: SupCon selection on the main process, ``apply_grft``) -> run directory claimed -> optimizer,
+schedule, L2-to-pretrained -> :class:`~.trainer.Trainer` (the epoch loop) with a checkpoint after every epoch
+-> outputs. The run directory receives ``config.yaml``, ``selection.json``, the method's output
+(``adapter.safetensors``), ``checkpoint.pt`` (every epoch), ``metrics.json`` and TensorBoard events, every
+file written atomically; ``resume=True`` continues from the checkpoint to the result an uninterrupted run
+gives.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from safetensors.torch import save as safetensors_bytes
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ..api import apply_grft
-from ..io.adapter_format import adapter_state, adapter_tensors
-from ..io.adapters import apply_adapter_state
-from ..tuner.anatomy import grft_layers, head_module_names
 from ..config import GRFTConfig
 from ..errors import ConfigError
-from ..files import atomic_write, remove_temporaries
-from ..tuner.model import inject
-from ..tuner.regularization import L2ToPretrained
-from ..tuner.state import DEFAULT_ADAPTER, grft_state
-from ..tuner.targets import check_targets
 from ..selection.record import write_json_atomic
-from ..selection.schedules import MaskSchedule, create_schedule
+from ..tuner.layer import grft_layers
+from ..tuner.regularization import L2ToPretrained
 from ..tuner.trainable import trainable_parameters_report
 from .checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
-from .config import TrainConfig, resolved_settings, yaml_problem
+from .config import TrainConfig, resolved_settings
 from .distributed import DistributedContext, shard_frozen_base
-from .loop import DivergenceWatch, Precision, check_finite_parameters, evaluate, train_one_epoch
+from .divergence import DivergenceWatch, check_finite_parameters
+from .methods import METHODS, Method, RunSetup
 from .monitor import Monitor
+from .run_dir import RUN_FILES, RunDirectory
 from .task import Task, VisionTask
+from .trainer import Precision, Trainer, TrainStep, evaluate
 
 __all__ = ["run", "seed_everything", "create_scheduler", "RUN_FILES"]
-
-# settings that may differ between a run and its resumption
-_RESUME_FREE = {"run_dir", "logdir", "quiet", "workers", "device", "eval_every", "divergence_factor",
-                "divergence_window", "fsdp"}
-# what a run writes into its directory (besides the TensorBoard folder tb/); --overwrite deletes these
-RUN_FILES = ("config.yaml", "selection.json", "adapter.safetensors", "trainable.safetensors", "checkpoint.pt",
-             "metrics.json")
 
 
 def seed_everything(seed: int) -> None:
@@ -66,295 +47,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-def _run_dir(train: TrainConfig, context: DistributedContext) -> Path:
-    if train.run_dir is None:
-        stamp = context.broadcast(time.strftime("%Y%m%d-%H%M%S"))
-        train.run_dir = str(Path("runs") / train.dataset / stamp)
-    return Path(train.run_dir)
-
-
-def _train_loader(train: TrainConfig, dataset: Dataset, context: DistributedContext, task: Task) -> DataLoader:
-    """Shuffled per epoch by a seeded sampler; with N processes each takes every N-th sample of a global batch."""
-    if train.batch_size % context.world_size:
-        raise ConfigError(f"batch_size={train.batch_size} must be divisible by the {context.world_size} processes.")
-    sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True,
-                                 seed=train.seed)
-    return DataLoader(dataset, batch_size=train.batch_size // context.world_size, sampler=sampler,
-                      num_workers=train.workers, pin_memory=context.device.type == "cuda",
-                      generator=torch.Generator(), collate_fn=task.collate_fn)
-
-
-def _eval_loader(train: TrainConfig, dataset: Dataset, context: DistributedContext, task: Task) -> DataLoader:
-    """Every N-th sample; under FSDP every shard is padded (with its own first sample) to the length of the
-    longest, because every process must run every forward pass (``_Loop.evaluate`` drops the padding)."""
-    indices = list(range(context.rank, len(dataset), context.world_size))
-    if train.fsdp and len(dataset):
-        indices += (indices[:1] or [0]) * (-(-len(dataset) // context.world_size) - len(indices))
-    return DataLoader(Subset(dataset, indices), batch_size=train.batch_size, shuffle=False, num_workers=train.workers,
-                      pin_memory=context.device.type == "cuda", collate_fn=task.collate_fn)
-
-
-def _select_and_wrap(model: nn.Module, train: TrainConfig, grft: GRFTConfig, task: Task, train_set: Dataset,
-                     context: DistributedContext, run_dir: Path, monitor: Monitor) -> None:
-    """Selection on the main process, indices broadcast, every process wraps identically."""
-    chosen = None
-    if context.is_main:
-        apply_grft(model, config=grft, dataloader=task.selection_loader(train, grft, train_set),
-                   features=task.selection_features(grft), device=context.device, amp=train.amp,
-                   progress=not train.quiet)
-        model.grft_state.selection.save_json(run_dir / "selection.json")
-        monitor.selection(model.grft_state.selection)
-        chosen = {name: (layer.structure, layer.indices.cpu()) for name, layer in grft_layers(model)}
-    chosen = context.broadcast(chosen)
-    if not context.is_main:
-        inject(model, DEFAULT_ADAPTER, {n: i for n, (_, i) in chosen.items()},
-                    {n: s for n, (s, _) in chosen.items()}, grft)
-
-
-def _prepare_method(model: nn.Module, train: TrainConfig, grft: GRFTConfig) -> None:
-    """Trainable set of the baselines: everything (full) or the head only (head)."""
-    model.requires_grad_(train.method == "full")
-    if train.method == "head":
-        for name in head_module_names(model, grft.head_modules):
-            model.get_submodule(name).requires_grad_(True)
-
-
-def _check_device(device: str | None) -> None:
-    """Refuse a CUDA device this machine does not have (before torch fails on it)."""
-    if device is None or torch.device(device).type != "cuda":
-        return
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r}, but CUDA is not available on this machine; use --device cpu, or "
-                          "leave --device out to use CUDA where there is one.")
-    index = torch.device(device).index
-    if index is not None and index >= torch.cuda.device_count():
-        raise ConfigError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s); "
-                          f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
-
-
-def _run_dir_refusal(run_dir: Path, resume: bool, overwrite: bool) -> str | None:
-    """Why ``run_dir`` cannot take this run (None: it can): a file, unwritable, or another run's."""
-    if resume and overwrite:
-        return "--resume continues the run in --run-dir and --overwrite replaces it; pass only one of them."
-    existing = next(parent for parent in (run_dir, *run_dir.parents) if parent.exists())
-    if not existing.is_dir():
-        return f"--run-dir {run_dir}: {existing} is a file, not a directory; choose another --run-dir."
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"--run-dir {run_dir}: {existing} is not writable; choose a writable --run-dir."
-    if resume or overwrite or existing != run_dir:
-        return None
-    held = sorted(entry.name for entry in run_dir.iterdir())
-    if held:
-        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
-        return (f"--run-dir {run_dir} already holds files ({shown}); continue that run with --resume, replace it "
-                "with --overwrite, or choose another --run-dir.")
-    return None
-
-
-def _read_saved_settings(path: Path) -> dict[str, Any]:
-    """The settings of ``config.yaml`` on resume; a missing, empty or unreadable file is a ConfigError."""
-    fix = "restore it, or start the run again with --overwrite"
-    if not path.is_file():
-        raise ConfigError(f"--resume: {path} is missing, so the run's settings are unknown; {fix}.")
-    try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--resume: {path} is not valid YAML ({yaml_problem(error)}); {fix}.") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--resume: {path} is not a text file; {fix}.") from None
-    if not saved:
-        raise ConfigError(f"--resume: {path} is empty; {fix}.")
-    if not isinstance(saved, dict):
-        raise ConfigError(f"--resume: {path} is not a mapping of settings; {fix}.")
-    return saved
-
-
-def _differences(saved: dict[str, Any], settings: dict[str, Any]) -> list[str]:
-    return sorted(key for key in set(saved) | set(settings)
-                  if key not in _RESUME_FREE and saved.get(key) != settings.get(key))
-
-
-def _check_resumable(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint to resume from, once ``config.yaml`` and the checkpoint agree with ``settings``."""
-    path, config_path = run_dir / "checkpoint.pt", run_dir / "config.yaml"
-    if not path.is_file():
-        if config_path.is_file():
-            raise ConfigError(f"--resume: {run_dir} holds no checkpoint yet (the run stopped before its first "
-                              "epoch ended); start it again with --overwrite.")
-        raise ConfigError(f"--resume: no run in {run_dir} (no checkpoint.pt); start the run without --resume.")
-    saved = _read_saved_settings(config_path)
-    missing = sorted(set(settings) - set(saved) - _RESUME_FREE)
-    if missing:
-        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise ConfigError(f"--resume: {config_path} lacks {len(missing)} settings ({shown}): it is truncated or "
-                          "from another version; restore it, or start the run again with --overwrite.")
-    changed = _differences(saved, settings)
-    if changed:
-        raise ConfigError(f"--resume: settings differ from the run in {run_dir}: {', '.join(changed)}; resume "
-                          "with the same settings, or start a new run directory.")
-    checkpoint = load_checkpoint(path)
-    if checkpoint.get("settings") is None:
-        raise ConfigError(f"--resume: {path} does not record the settings it was trained with (written by an "
-                          "older version), so it cannot be matched to this run; start again with --overwrite.")
-    stale = _differences(checkpoint["settings"], settings)
-    if stale:
-        raise ConfigError(f"--resume: {path} belongs to an earlier run in {run_dir} (its {', '.join(stale)} "
-                          "differ from config.yaml's); start this run again with --overwrite.")
-    return checkpoint
-
-
-def _open_run_dir(train: TrainConfig, grft: GRFTConfig, resume: bool, overwrite: bool,
-                  context: DistributedContext) -> tuple[Path, dict[str, Any], dict[str, Any] | None]:
-    """``(run directory, resolved settings, checkpoint or None)`` once the directory may take this run."""
-    run_dir = _run_dir(train, context)
-    settings = resolved_settings(train, grft)
-    refusal = context.broadcast(_run_dir_refusal(run_dir, resume, overwrite) if context.is_main else None)
-    if refusal is not None:
-        raise ConfigError(refusal)
-    checkpoint = _check_resumable(run_dir, settings) if resume else None
-    if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(run_dir)  # left by a process killed while writing
-    return run_dir, settings, checkpoint
-
-
-def _start_run_dir(run_dir: Path, train: TrainConfig, settings: dict[str, Any], overwrite: bool) -> None:
-    """A new run: with ``overwrite`` delete the old run's files, then write ``config.yaml``."""
-    if overwrite:
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        if train.logdir is None and (run_dir / "tb").is_dir():
-            shutil.rmtree(run_dir / "tb")
-    with atomic_write(run_dir / "config.yaml", "w") as handle:
-        yaml.safe_dump(settings, handle, sort_keys=True)
-
-
-def _check_targets(model: nn.Module, train: TrainConfig, grft: GRFTConfig) -> None:
-    """Refuse module patterns that match nothing, and a k larger than a targeted layer, before anything is
-    written to the run directory."""
-    if train.method == "grft":
-        check_targets(model, grft)
-    else:
-        head_module_names(model, grft.head_modules)
-
-
-def _trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: param.detach().cpu() for name, param in model.named_parameters() if param.requires_grad}
-
-
-def _save_outputs(model: nn.Module, train: TrainConfig, run_dir: Path, adapter: tuple[dict, dict] | None) -> None:
-    """``adapter.safetensors`` (GRFT: ``adapter`` is its ``(tensors, metadata)``) or ``trainable.safetensors``."""
-    if train.method == "grft":
-        with atomic_write(run_dir / "adapter.safetensors", "wb") as handle:
-            handle.write(safetensors_bytes(adapter[0], metadata=adapter[1]))
-        return
-    with atomic_write(run_dir / "trainable.safetensors") as handle:
-        handle.write(safetensors_bytes({k: v.contiguous() for k, v in _trainable_tensors(model).items()}))
-
-
-def run(train: TrainConfig, grft: GRFTConfig, *, resume: bool = False, overwrite: bool = False,
-        task: Task | None = None) -> dict[str, Any]:
-    """Train and evaluate one configuration; returns the final metrics (also written to ``metrics.json``).
-
-    Args:
-        train, grft: the run's settings.
-        resume: continue the run in ``train.run_dir`` from its checkpoint.
-        overwrite: start a new run in ``train.run_dir`` even though it holds one (its files are deleted once
-            the new run's data and model are ready). Without it a run directory that holds files is refused.
-        task: supplies data, model and metrics (default :class:`VisionTask`).
-
-    Raises:
-        ConfigError: inconsistent settings (e.g. resuming with other settings), a run directory that holds
-            another run, a stale or unreadable checkpoint, an unavailable device.
-        DataNotFoundError, ModelLoadError, SelectionError: missing data or weights, unusable selection data.
-        TrainingError: a non-finite loss, or a diverging run (the last good checkpoint stays in place).
-    """
-    _check_device(train.device)
-    context = DistributedContext.from_environment(train.device)
-    try:
-        return _run(train, grft, resume, overwrite, context, task or VisionTask())
-    finally:
-        context.close()
-
-
-def _run(train: TrainConfig, grft: GRFTConfig, resume: bool, overwrite: bool, context: DistributedContext,
-         task: Task) -> dict[str, Any]:
-    start = time.perf_counter()
-    seed_everything(train.seed)
-    run_dir, settings, checkpoint = _open_run_dir(train, grft, resume, overwrite, context)
-    train_set, eval_set, num_classes = task.datasets(train)
-    model = task.build_model(train, num_classes).to(context.device)
-    task.prepare_data(train, model, train_set, eval_set)
-    if checkpoint is None:  # nothing is written before the data, the model and k are known to be usable
-        _check_targets(model, train, grft)
-        if context.is_main:
-            _start_run_dir(run_dir, train, settings, overwrite)
-    monitor = Monitor(str(train.logdir or run_dir / "tb") if context.is_main else None)
-    begin = time.perf_counter()
-    _make_trainable(model, train, grft, task, train_set, checkpoint, context, run_dir, monitor)
-    selection_seconds = time.perf_counter() - begin if train.method == "grft" else 0.0
-    if checkpoint is not None:  # the original selection's time, not that of re-wrapping
-        selection_seconds = checkpoint["seconds"]["selection"]
-    regularizer = L2ToPretrained(model, grft)  # references taken before any trained value is loaded
-    if checkpoint is not None:
-        _load_trained_values(model, train, checkpoint, run_dir)
-    report = trainable_parameters_report(model)
-    monitor.scalars({"params/trainable": report.trainable, "params/trainable_percent": report.percent}, 0)
-
-    loop = _Loop(train, grft, task, context, monitor, run_dir, model, regularizer, train_set, eval_set, num_classes,
-                 settings=settings, selection_seconds=selection_seconds)
-    history = loop.fit(checkpoint)
-    main = task.main_metric
-    metrics = {
-        **{name: value for name, value in history[-1].items() if name != "epoch"},
-        f"best_{main}": max(h[main] for h in history),
-        "history": history,
-        "trainable": report.trainable,
-        "total": report.total,
-        "trainable_percent": report.percent,
-        "epochs": loop.total_epochs,
-        "selection_seconds": selection_seconds,
-        "train_seconds": loop.seconds,
-        "seconds": time.perf_counter() - start,
-        "dataset": train.dataset,
-        "method": train.method,
-        "structure": grft.structure,
-        "k": grft.k,
-        "run_dir": str(run_dir),
-    }
-    if context.is_main:
-        _save_outputs(model, train, run_dir, loop.adapter_state())
-        write_json_atomic(run_dir / "metrics.json", metrics)
-        monitor.hparams(settings, {main: metrics[main], "trainable_percent": report.percent})
-    monitor.close()
-    return metrics
-
-
-def _make_trainable(model: nn.Module, train: TrainConfig, grft: GRFTConfig, task: Task, train_set: Dataset,
-                    checkpoint: dict | None, context: DistributedContext, run_dir: Path, monitor: Monitor) -> None:
-    """GRFT: select (or take the checkpoint's indices) and wrap; baselines: set their trainable set."""
-    if train.method != "grft":
-        _prepare_method(model, train, grft)
-        return
-    if checkpoint is None:
-        _select_and_wrap(model, train, grft, task, train_set, context, run_dir, monitor)
-    else:
-        tensors, metadata = checkpoint["adapter"]
-        structures = json.loads(metadata["structures"])
-        inject(model, DEFAULT_ADAPTER, {n: tensors[f"{n}.grft_indices"].long() for n in structures}, structures,
-                    grft)
-    model.to(context.device)
-
-
-def _load_trained_values(model: nn.Module, train: TrainConfig, checkpoint: dict, run_dir: Path) -> None:
-    if train.method == "grft":
-        apply_adapter_state(model, *checkpoint["adapter"], source=str(run_dir / "checkpoint.pt"))
-        return
-    with torch.no_grad():
-        for name, value in checkpoint["trainable"].items():
-            model.get_parameter(name).copy_(value)
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, updates_per_epoch: int) -> tuple[Any, int]:
@@ -381,137 +73,239 @@ def create_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, updat
     return scheduler, train.total_epochs
 
 
-class _Loop:
-    """Optimizer, schedule, loaders and the epoch loop of one run, with checkpointing after every epoch.
+def _check_device(device: str | None) -> None:
+    """Refuse a CUDA device this machine does not have (before torch fails on it)."""
+    if device is None or torch.device(device).type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}, but CUDA is not available on this machine; use --device cpu, or "
+                          "leave --device out to use CUDA where there is one.")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
 
-    ``settings`` (the run's resolved settings) and ``selection_seconds`` go into every checkpoint: the
-    first binds it to its run, the second survives into a resumed run's metrics.
-    """
 
-    def __init__(self, train: TrainConfig, grft: GRFTConfig, task: Task, context: DistributedContext,
-                 monitor: Monitor, run_dir: Path, model: nn.Module, regularizer: L2ToPretrained, train_set: Dataset,
-                 eval_set: Dataset, num_classes: int, *, settings: dict[str, Any], selection_seconds: float) -> None:
-        self.train, self.task, self.context, self.monitor, self.run_dir = train, task, context, monitor, run_dir
-        self.settings, self.selection_seconds = settings, selection_seconds
-        self.divergence = DivergenceWatch(train.divergence_factor, train.divergence_window)
-        self.model, self.regularizer = model, regularizer
-        # under FSDP the backbone's fingerprints are taken before it is sharded (the base never changes)
-        self._adapter_metadata = adapter_state(model)[1] if train.fsdp and train.method == "grft" else None
-        if train.fsdp:
-            self.network = shard_frozen_base(model, context)
-        else:
-            self.network = DistributedDataParallel(model) if context.distributed else model
-        trainable = [param for param in model.parameters() if param.requires_grad]
-        self.optimizer = create_optimizer_v2(trainable, opt=train.opt, lr=train.lr, weight_decay=train.weight_decay)
-        self.precision = Precision(context.device, train.amp)
-        self.train_loader = _train_loader(train, train_set, context, task)
-        self.scheduler, self.total_epochs = create_scheduler(self.optimizer, train, len(self.train_loader))
-        self.eval_loader = _eval_loader(train, eval_set, context, task)
-        self.loss_fn, self.mixup = task.loss_and_mixup(train, num_classes)
+def _train_loader(train: TrainConfig, dataset: Dataset, context: DistributedContext, task: Task) -> DataLoader:
+    """Shuffled per epoch by a seeded sampler; with N processes each takes every N-th sample of a global batch."""
+    sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True,
+                                 seed=train.seed)
+    return DataLoader(dataset, batch_size=train.batch_size // context.world_size, sampler=sampler,
+                      num_workers=train.workers, pin_memory=context.device.type == "cuda",
+                      generator=torch.Generator(), collate_fn=task.collate_fn)
+
+
+def _eval_loader(train: TrainConfig, dataset: Dataset, context: DistributedContext, task: Task) -> DataLoader:
+    """Every N-th sample; under FSDP every shard is padded (with its own first sample) to the length of the
+    longest, because every process must run every forward pass (:meth:`_Run.predictions` drops the padding)."""
+    indices = list(range(context.rank, len(dataset), context.world_size))
+    if train.fsdp and len(dataset):
+        indices += (indices[:1] or [0]) * (-(-len(dataset) // context.world_size) - len(indices))
+    return DataLoader(Subset(dataset, indices), batch_size=train.batch_size, shuffle=False, num_workers=train.workers,
+                      pin_memory=context.device.type == "cuda", collate_fn=task.collate_fn)
+
+
+class _Run:
+    """The pieces of one run once its model is trainable: the step loop's state, the epoch loop, checkpoints."""
+
+    def __init__(self, setup: RunSetup, method: Method, directory: RunDirectory, checkpoint: dict | None,
+                 selection_seconds: float, eval_set: Dataset, num_classes: int, started: float) -> None:
+        self.setup, self.method, self.directory, self.checkpoint = setup, method, directory, checkpoint
+        self.selection_seconds, self.started = selection_seconds, started
+        train, model, context = setup.train, setup.model, setup.context
+        self.regularizer = L2ToPretrained(model, setup.grft)  # references taken before any trained value is loaded
+        if checkpoint is not None:
+            method.load_values(model, checkpoint, str(directory / "checkpoint.pt"))
+        self.report = trainable_parameters_report(model)
+        setup.monitor.scalars({"params/trainable": self.report.trainable,
+                               "params/trainable_percent": self.report.percent}, 0)
+        network = shard_frozen_base(model, context) if train.fsdp else \
+            DistributedDataParallel(model) if context.distributed else model
+        optimizer = create_optimizer_v2([p for p in model.parameters() if p.requires_grad], opt=train.opt, lr=train.lr,
+                                        weight_decay=train.weight_decay)
+        self.train_loader = _train_loader(train, setup.train_set, context, setup.task)
+        self.eval_loader = _eval_loader(train, eval_set, context, setup.task)
+        self.scheduler, self.total_epochs = create_scheduler(optimizer, train, len(self.train_loader))
+        loss_fn, mixup = setup.task.loss_and_mixup(train, num_classes)
+        self.mask_schedule = method.mask_schedule(setup, self.total_epochs * len(self.train_loader))
+        self.step = TrainStep(
+            network, optimizer, loss_fn, batches=setup.task.batches, regularizer=self.regularizer,
+            precision=Precision(context.device, train.amp), clip_grad=train.clip_grad, mixup=mixup,
+            scheduler=self.scheduler if train.sched_on_updates else None,
+            before_step=self._before_step if self.mask_schedule is not None else None,
+            divergence=DivergenceWatch(train.divergence_factor, train.divergence_window), context=context,
+            monitor=setup.monitor)
         self.progress = not train.quiet and context.is_main
+        self.trainer = Trainer(
+            self.step, self.train_loader, self.eval_loader,
+            scheduler=None if train.sched_on_updates else self.scheduler, metrics=setup.task.metrics,
+            predictions=self.predictions, eval_every=train.eval_every, eval_split=train.eval_split,
+            on_epoch_start=self._epoch_start, on_epoch_end=self._save_checkpoint, progress=self.progress)
         self.seconds = 0.0  # training time, of earlier sessions too
-        self.mask_schedule = self._mask_schedule(grft, train_set) if train.method == "grft" else None
-
-    def _mask_schedule(self, grft: GRFTConfig, train_set: Dataset) -> MaskSchedule | None:
-        """The dynamic or incremental schedule of the chosen entries (None when they are static)."""
-        if grft.schedule == "static":
-            return None
-        if self.context.distributed:
-            wrapper = "FSDP" if self.train.fsdp else "DistributedDataParallel"
-            raise ConfigError(f"schedule={grft.schedule!r} replaces the trainable tensors during training, which "
-                              f"{wrapper} does not allow; run it in a single process.")
-        return create_schedule(self.model, grft, self.task.selection_loader(self.train, grft, train_set),
-                               total_steps=self.total_epochs * len(self.train_loader),
-                               budgets=self.model.grft_state.budgets,
-                               features=self.task.selection_features(grft), device=self.context.device,
-                               amp=self.train.amp)
-
-    def _before_step(self, step: int) -> None:
-        if self.mask_schedule.before_step(step, self.optimizer):
-            trainable = sum(layer.delta.numel() for _, layer in grft_layers(self.model))
-            self.monitor.scalars({"schedule/chosen_entries": trainable}, step)
-
-    def _restore(self, checkpoint: dict) -> tuple[int, list[dict[str, Any]]]:
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(checkpoint["scheduler"])
-        if self.precision.scaler is not None and checkpoint["scaler"] is not None:
-            self.precision.scaler.load_state_dict(checkpoint["scaler"])
-        if self.mask_schedule is not None:
-            self.mask_schedule.load_state_dict(checkpoint["mask_schedule"])
-        self.divergence.load_state_dict(checkpoint["divergence"])
-        self.seconds = checkpoint["seconds"]["train"]
-        restore_rng_state(checkpoint["rng"])
-        return checkpoint["epoch"] + 1, checkpoint["history"]
-
-    def _train_seconds(self) -> float:
-        """Training time so far, earlier sessions included (``_began``: when this session's epochs began)."""
-        return self.seconds + time.perf_counter() - self._began
-
-    def fit(self, checkpoint: dict | None) -> list[dict[str, Any]]:
-        """Run the remaining epochs; returns the evaluation history."""
-        first_epoch, history = self._restore(checkpoint) if checkpoint is not None else (0, [])
-        global_step = first_epoch * len(self.train_loader)
         self._began = time.perf_counter()
-        for epoch in range(first_epoch, self.total_epochs):
-            self.train_loader.sampler.set_epoch(epoch)
-            self.train_loader.generator.manual_seed(self.train.seed + epoch)  # worker seeds, resume-proof
-            if not self.train.sched_on_updates:  # per-update schedules log their rate every step
-                self.monitor.scalars({"train/lr": self.optimizer.param_groups[0]["lr"]}, epoch)
-            losses, global_step = train_one_epoch(
-                self.network, self.train_loader, self.optimizer, self.loss_fn, batches=self.task.batches,
-                regularizer=self.regularizer, precision=self.precision, context=self.context,
-                monitor=self.monitor, epoch=epoch, global_step=global_step, mixup=self.mixup,
-                clip_grad=self.train.clip_grad, progress=self.progress,
-                scheduler=self.scheduler if self.train.sched_on_updates else None,
-                before_step=self._before_step if self.mask_schedule is not None else None,
-                divergence=self.divergence)
-            if self.scheduler is not None:  # sched='none' keeps the learning rate constant
-                self.scheduler.step(epoch + 1)
-            if (epoch + 1) % self.train.eval_every == 0 or epoch + 1 == self.total_epochs:
-                history.append({"epoch": epoch + 1, **self.evaluate(epoch + 1), **losses})
-            self._checkpoint(epoch, history)
-        self.seconds = self._train_seconds()
-        return history
 
-    def adapter_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-        """The active adapter's ``(tensors, metadata)`` (:func:`~grft_vision.adapter.adapter_state`); None for the
-        baselines."""
-        if self.train.method != "grft":
-            return None
-        if self._adapter_metadata is None:
-            return adapter_state(self.model)
-        return adapter_tensors(self.model, grft_state(self.model).active), self._adapter_metadata
+    # ------------------------------------------------------------------ the epoch loop's hooks
+    def _before_step(self, step: int) -> None:
+        if self.mask_schedule.before_step(step, self.step.optimizer):
+            trainable = sum(layer.delta.numel() for _, layer in grft_layers(self.setup.model))
+            self.setup.monitor.scalars({"schedule/chosen_entries": trainable}, step)
 
-    def _predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predictions and targets of the whole eval set; under FSDP without the padding of ``_eval_loader``."""
-        if not self.train.fsdp:
-            return evaluate(self.network, self.eval_loader, batches=self.task.batches, precision=self.precision,
-                            context=self.context, progress=self.progress)
-        alone = DistributedContext(0, 1, self.context.device)  # gather after dropping the padding
-        predictions, targets = evaluate(self.network, self.eval_loader, batches=self.task.batches,
-                                        precision=self.precision, context=alone, progress=self.progress)
-        own = len(range(self.context.rank, len(self.eval_loader.dataset.dataset), self.context.world_size))
-        gathered = self.context.gather((predictions[:own], targets[:own]))
+    def _epoch_start(self, epoch: int) -> None:
+        self.train_loader.generator.manual_seed(self.setup.train.seed + epoch)  # worker seeds, resume-proof
+
+    def predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions and targets of the whole eval set; under FSDP without the padding of :func:`_eval_loader`."""
+        step, context = self.step, self.setup.context
+        if not self.setup.train.fsdp:
+            return evaluate(step.model, self.eval_loader, batches=step.batches, precision=step.precision,
+                            context=context, progress=self.progress)
+        alone = DistributedContext(0, 1, context.device)  # gather after dropping the padding
+        predictions, targets = evaluate(step.model, self.eval_loader, batches=step.batches, precision=step.precision,
+                                        context=alone, progress=self.progress)
+        own = len(range(context.rank, len(self.eval_loader.dataset.dataset), context.world_size))
+        gathered = context.gather((predictions[:own], targets[:own]))
         return torch.cat([p for p, _ in gathered]), torch.cat([t for _, t in gathered])
 
-    def evaluate(self, step: int) -> dict[str, float]:
-        predictions, targets = self._predictions()
-        scores = self.task.metrics(predictions, targets)
-        self.monitor.scalars({f"{self.train.eval_split}/{name}": value for name, value in scores.items()}, step)
-        return scores
+    def _train_seconds(self) -> float:
+        return self.seconds + time.perf_counter() - self._began
 
-    def _checkpoint(self, epoch: int, history: list[dict[str, Any]]) -> None:
+    def _save_checkpoint(self, epoch: int, history: list[dict[str, Any]]) -> None:
         """Save the epoch's state, unless a parameter is no longer finite (the last good one then stays)."""
-        check_finite_parameters(self.model, epoch)
-        if self.context.is_main:
-            grft = self.train.method == "grft"
-            save_checkpoint(self.run_dir / "checkpoint.pt", epoch=epoch,
-                            adapter=self.adapter_state(),
-                            trainable=None if grft else _trainable_tensors(self.model),
-                            optimizer=self.optimizer, scheduler=self.scheduler, history=history,
-                            scaler=self.precision.scaler,
+        check_finite_parameters(self.setup.model, epoch)
+        if self.setup.context.is_main:
+            save_checkpoint(self.directory / "checkpoint.pt", epoch=epoch,
+                            **self.method.checkpoint_state(self.setup.model),
+                            optimizer=self.step.optimizer, scheduler=self.scheduler, history=history,
+                            scaler=self.step.precision.scaler,
                             mask_schedule=self.mask_schedule.state_dict() if self.mask_schedule else None,
-                            settings=self.settings, divergence=self.divergence.state_dict(),
+                            settings=self.directory.settings, divergence=self.step.divergence.state_dict(),
                             seconds={"selection": self.selection_seconds, "train": self._train_seconds()})
-        self.context.barrier()
+        self.setup.context.barrier()
+
+    # ------------------------------------------------------------------ start and end
+    def restore(self) -> tuple[int, list[dict[str, Any]]]:
+        """``(first epoch, history)``: from the checkpoint's optimizer, schedule, RNG and loop state, or a fresh start."""
+        checkpoint = self.checkpoint
+        if checkpoint is None:
+            return 0, []
+        self.step.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint["scaler"] is not None:
+            self.step.precision.scaler.load_state_dict(checkpoint["scaler"])
+        if self.mask_schedule is not None:
+            self.mask_schedule.load_state_dict(checkpoint["mask_schedule"])
+        self.step.divergence.load_state_dict(checkpoint["divergence"])
+        self.seconds = checkpoint["seconds"]["train"]
+        restore_rng_state(checkpoint["rng"])
+        first_epoch = checkpoint["epoch"] + 1
+        self.step.global_step = first_epoch * len(self.train_loader)
+        self._began = time.perf_counter()
+        return first_epoch, checkpoint["history"]
+
+    def finish(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """The final metrics, written with the method's outputs and TensorBoard's hparams."""
+        setup, main = self.setup, self.setup.task.main_metric
+        metrics = {
+            **{name: value for name, value in history[-1].items() if name != "epoch"},
+            f"best_{main}": max(h[main] for h in history),
+            "history": history,
+            "trainable": self.report.trainable,
+            "total": self.report.total,
+            "trainable_percent": self.report.percent,
+            "epochs": self.total_epochs,
+            "selection_seconds": self.selection_seconds,
+            "train_seconds": self._train_seconds(),
+            "seconds": time.perf_counter() - self.started,
+            "dataset": setup.train.dataset,
+            "method": setup.train.method,
+            "structure": setup.grft.structure,
+            "k": setup.grft.k,
+            "run_dir": str(self.directory.path),
+        }
+        if setup.context.is_main:
+            self.method.save_outputs(setup.model, self.directory.path, self.method.checkpoint_state(setup.model))
+            write_json_atomic(self.directory / "metrics.json", metrics)
+            setup.monitor.hparams(self.directory.settings, {main: metrics[main],
+                                                            "trainable_percent": self.report.percent})
+        setup.monitor.close()
+        return metrics
+
+
+def _run_dir_path(train: TrainConfig, context: DistributedContext) -> Path:
+    if train.run_dir is None:
+        stamp = context.broadcast(time.strftime("%Y%m%d-%H%M%S"))
+        train.run_dir = str(Path("runs") / train.dataset / stamp)
+    return Path(train.run_dir)
+
+
+def _open(train: TrainConfig, grft: GRFTConfig, task: Task, context: DistributedContext, directory: RunDirectory,
+          started: float) -> _Run:
+    """Everything up to the first epoch: checks, data, model, the claimed run directory, the trainable model."""
+    if train.batch_size % context.world_size:
+        raise ConfigError(f"batch_size={train.batch_size} must be divisible by the {context.world_size} processes "
+                          f"(torchrun --nproc_per_node); use a multiple of {context.world_size}.")
+    method = METHODS.get(train.method)()
+    refusal, checkpoint = None, None
+    if context.is_main:
+        try:
+            checkpoint = directory.check()
+        except ConfigError as error:
+            refusal = str(error)
+    refusal = context.broadcast(refusal)
+    if refusal is not None:
+        raise ConfigError(refusal)
+    if directory.resume and not context.is_main:
+        checkpoint = load_checkpoint(directory / "checkpoint.pt")
+    train_set, eval_set, num_classes = task.datasets(train)
+    model = task.build_model(train, num_classes).to(context.device)
+    task.prepare_data(train, model, train_set, eval_set)
+    if checkpoint is None:  # nothing is written before the data, the model and k are known to be usable
+        method.check(model, grft)
+    if context.is_main:
+        directory.claim(train.logdir)
+    context.barrier()
+    monitor = Monitor(str(train.logdir or directory / "tb") if context.is_main else None)
+    setup = RunSetup(model, train, grft, task, train_set, context, directory.path, monitor)
+    begin = time.perf_counter()
+    if checkpoint is None:
+        method.prepare(setup)
+        selection_seconds = time.perf_counter() - begin if method.selects else 0.0
+    else:
+        method.restore(setup, checkpoint)
+        selection_seconds = checkpoint["seconds"]["selection"]  # the original selection's time
+    return _Run(setup, method, directory, checkpoint, selection_seconds, eval_set, num_classes, started)
+
+
+def run(train: TrainConfig, grft: GRFTConfig, *, resume: bool = False, overwrite: bool = False,
+        task: Task | None = None) -> dict[str, Any]:
+    """Train and evaluate one configuration; returns the final metrics (also written to ``metrics.json``).
+
+    Args:
+        train, grft: the run's settings.
+        resume: continue the run in ``train.run_dir`` from its checkpoint.
+        overwrite: start a new run in ``train.run_dir`` even though it holds one of grft-vision (its files are
+            deleted once the new run's data and model are ready). Without it a run directory that holds files
+            is refused.
+        task: supplies data, model and metrics (default :class:`VisionTask`).
+
+    Raises:
+        ConfigError: inconsistent settings (e.g. resuming with other settings), a run directory that holds
+            another run or is in use, a stale or unreadable checkpoint, an unavailable device.
+        DataNotFoundError, ModelLoadError, SelectionError: missing data or weights, unusable selection data.
+        TrainingError: a non-finite loss, or a diverging run (the last good checkpoint stays in place).
+    """
+    started = time.perf_counter()
+    _check_device(train.device)
+    context = DistributedContext.from_environment(train.device)
+    directory = RunDirectory(_run_dir_path(train, context), resolved_settings(train, grft), resume=resume,
+                             overwrite=overwrite)
+    try:
+        seed_everything(train.seed)
+        state = _open(train, grft, task or VisionTask(), context, directory, started)
+        first_epoch, history = state.restore()
+        history = state.trainer.fit(state.total_epochs, start_epoch=first_epoch, history=history)
+        return state.finish(history)
+    finally:
+        directory.release()
+        context.close()

@@ -18,16 +18,11 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import GRFTConfig
 from ..data import TwoViews, contrastive_transform, create_dataset, create_transforms
 from ..selection import BatchFeatures
-from .config import TrainConfig
-from .loop import Batches, ImageBatches
+from .config import TrainConfig, VisionTrainConfig
 from .model_factory import create_timm_model
+from .trainer import Batches, ImageBatches, top1_metrics
 
 __all__ = ["Task", "VisionTask", "top1_metrics"]
-
-
-def top1_metrics(predictions: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """``{"top1": accuracy}`` of predicted classes ``[N]`` against targets ``[N]``."""
-    return {"top1": float((predictions == targets).float().mean()) if len(targets) else 0.0}
 
 
 class Task:
@@ -70,37 +65,37 @@ class VisionTask(Task):
 
     batches = ImageBatches()
 
-    def datasets(self, train: TrainConfig) -> tuple[Dataset, Dataset, int]:
+    def datasets(self, train: VisionTrainConfig) -> tuple[Dataset, Dataset, int]:
         train_set = self._dataset(train, train.train_split, train.synthetic_samples)
         eval_set = self._dataset(train, train.eval_split, max(train.synthetic_samples // 2, 1))
         return train_set, eval_set, train_set.num_classes
 
     @staticmethod
-    def _dataset(train: TrainConfig, split: str, synthetic_samples: int) -> Dataset:
+    def _dataset(train: VisionTrainConfig, split: str, synthetic_samples: int) -> Dataset:
         options = {}
         if train.dataset == "synthetic":
             options = {"num_classes": train.synthetic_classes, "image_size": train.synthetic_image_size,
                        "seed": train.seed, "num_samples": synthetic_samples}
         return create_dataset(train.dataset, split, data_dir=train.data_dir, layout=train.layout, **options)
 
-    def build_model(self, train: TrainConfig, num_classes: int) -> nn.Module:
+    def build_model(self, train: VisionTrainConfig, num_classes: int) -> nn.Module:
         return create_timm_model(train, num_classes)
 
     @staticmethod
-    def data_config(train: TrainConfig, model: nn.Module) -> dict[str, Any]:
+    def data_config(train: VisionTrainConfig, model: nn.Module) -> dict[str, Any]:
         """timm's data config of the model, with the run's image size."""
         config = resolve_data_config(model=model)
         if train.img_size is not None:
             config["input_size"] = (3, train.img_size, train.img_size)
         return config
 
-    def prepare_data(self, train: TrainConfig, model: nn.Module, train_set: Dataset, eval_set: Dataset) -> None:
+    def prepare_data(self, train: VisionTrainConfig, model: nn.Module, train_set: Dataset, eval_set: Dataset) -> None:
         self._data_config = self.data_config(train, model)
         options = {"interpolation": train.interpolation, "mean": train.mean, "std": train.std}
         train_set.transform = create_transforms(self._data_config, train_set.protocol, train=True, **options)
         eval_set.transform = create_transforms(self._data_config, eval_set.protocol, train=False, **options)
 
-    def selection_loader(self, train: TrainConfig, grft: GRFTConfig, train_set: Dataset) -> DataLoader:
+    def selection_loader(self, train: VisionTrainConfig, grft: GRFTConfig, train_set: Dataset) -> DataLoader:
         """The training set again with GPS's contrastive augmentation (two views by default).
 
         The selection reads it through :func:`~grft_vision.selection.subsets.subset_loader`, which draws every
@@ -113,7 +108,7 @@ class VisionTask(Task):
         return DataLoader(views, batch_size=grft.selection_batch_size or train.batch_size, shuffle=False,
                           num_workers=train.workers, generator=torch.Generator().manual_seed(grft.selection_seed))
 
-    def loss_and_mixup(self, train: TrainConfig, num_classes: int) -> tuple[Callable, Callable | None]:
+    def loss_and_mixup(self, train: VisionTrainConfig, num_classes: int) -> tuple[Callable, Callable | None]:
         if train.mixup > 0 or train.cutmix > 0:
             mixup = Mixup(mixup_alpha=train.mixup, cutmix_alpha=train.cutmix, label_smoothing=train.smoothing,
                           num_classes=num_classes)
