@@ -41,7 +41,7 @@ def resolve_model_data_config(model_or_data_config: nn.Module | Mapping[str, Any
     Args:
         model_or_data_config: A timm model (its ``pretrained_cfg``, with the input size it actually runs at:
             a ViT created with ``img_size=32`` keeps 224 in its config, see
-            :func:`grft_vision.anatomy.input_size`), a (partial) data config dict whose
+            :func:`grft_vision.tuner.anatomy.input_size`), a (partial) data config dict whose
             missing keys take timm's defaults, or a timm model name such as
             ``"vit_base_patch16_224.augreg_in21k"`` (its registered pretrained config; nothing is loaded).
 

@@ -178,7 +178,8 @@ def _merge_wrapped(saved: SavedModel, spec: _Spec, base: str | None, pretrained:
         model = spec.create_hugging_face(None, None)
     else:  # a head of the size the model was wrapped with (the adapter's own copy may have another)
         heads = _classifiers(spec.name)
-        model = spec.create_timm(_rows(saved.wrapped, [f"{h}.parametrizations.weight.original" for h in heads]
+        model = spec.create_timm(_rows(saved.wrapped, [f"{h}.{owned}.weight.original" for h in heads
+                                                       for owned in ("grft_owned", "parametrizations")]
                                        + [f"{h}.weight" for h in heads]))
     rebuild_wrapped(model, saved.wrapped, name, saved.source)
     return merge_grft(model)

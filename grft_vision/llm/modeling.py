@@ -7,7 +7,7 @@ a linear ``score`` head on the last non-padding token, encoders such as BERT the
   the model's ``pad_token_id`` is set to match (the head finds the last non-padding token with it);
 - precision: the frozen weights in ``dtype`` (bf16 halves their memory); the head is kept in fp32 (it is
   trained fully, and AdamW steps are lost in bf16 rounding), with its input cast to fp32. GRFT updates are
-  fp32 by construction (:mod:`grft_vision.layers`);
+  fp32 by construction (:mod:`grft_vision.tuner.dtypes`);
 - memory: the KV cache is off (no generation), and gradient checkpointing is optional.
 """
 from __future__ import annotations

@@ -66,7 +66,7 @@ def save_checkpoint(path: str | os.PathLike, *, epoch: int, adapter: tuple[dict,
     Args:
         path: the checkpoint file.
         epoch: the last completed epoch.
-        adapter: ``(tensors, metadata)`` from :func:`grft_vision.adapter.adapter_state` (GRFT runs).
+        adapter: ``(tensors, metadata)`` from :func:`grft_vision.io.adapter_format.adapter_state` (GRFT runs).
         trainable: the trainable tensors by name (full and head-only runs, which have no adapter).
         optimizer, scheduler, scaler: objects with ``state_dict()``.
         history: evaluation records so far.

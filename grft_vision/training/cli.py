@@ -91,7 +91,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--checkpoint": ("checkpoint", {"metavar": "FILE"}),
     "--img-size": ("img_size", {"type": int}),
     "--drop-path": ("drop_path", {"type": float}),
-    "--method": ("method", {"choices": ("grft", "full", "head")}),
+    "--method": ("method", {}),  # choices: the registered methods (build_parser)
     "--lr": ("lr", {"type": float}),
     "--batch-size": ("batch_size", {"type": int}),
     "--epochs": ("epochs", {"type": int}),
@@ -128,9 +128,12 @@ def build_parser(benchmark: str, *, config_cls: type[TrainConfig] = VisionTrainC
     structure.add_argument("--rows", type=_number, metavar="K", help="train K rows of every weight")
     structure.add_argument("--cols", type=_number, metavar="K", help="train K columns of every weight")
     structure.add_argument("--sparse", type=_number, metavar="K", help="train K entries of every row (GPS)")
+    from .methods import METHODS
+
     for flag, (key, options) in (FLAGS if flags is None else flags).items():
-        help_text = _help(key, config_cls)
-        parser.add_argument(flag, dest=key, default=None, help=help_text, **options)
+        if key == "method":
+            options = {**options, "choices": METHODS.names()}
+        parser.add_argument(flag, dest=key, default=None, help=_help(key, config_cls), **options)
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_const", const=False, default=None,
                         help="random initialisation (no weights are loaded)")
     parser.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,

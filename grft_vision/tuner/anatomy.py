@@ -58,7 +58,7 @@ def base_tensors(model: nn.Module, buffers: bool = False) -> dict[str, torch.Ten
     """The base model's parameters (or buffers) under their original names; adapter tensors left out.
 
     Owned tensors give their original (pre-trained) value; a wrapped weight gives its current value (use
-    :meth:`~grft_vision.layers.GRFTLayer.pristine_weight` for the pre-trained one when adapters are merged).
+    :meth:`~grft_vision.tuner.layer.GRFTLayer.pristine_weight` for the pre-trained one when adapters are merged).
     """
     named = model.named_buffers() if buffers else model.named_parameters()
     return {original_name(name): tensor for name, tensor in named if not is_adapter_tensor(name)}
