@@ -11,7 +11,7 @@ import sys
 from typing import Any, Sequence
 
 from .errors import GRFTError
-from .io.export import export_merged, write_merged
+from .io.export import check_output, export_merged, write_merged
 
 __all__ = ["main"]
 
@@ -50,12 +50,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 done, 2 invalid input with one ``error:`` line)."""
     args = _parser().parse_args(argv)
     try:
+        check_output(args.out, [args.checkpoint, args.base])
         model = export_merged(args.checkpoint, model=args.model, model_kwargs=dict(args.model_kwargs), base=args.base,
                               pretrained=args.pretrained, adapter_name=args.adapter_name, ema=args.ema,
                               check_weights=args.check_weights)
         out = write_merged(model, args.out)
-    except (GRFTError, OSError) as error:
+    except GRFTError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, permissions, a folder where a file should be
+        where = f" {error.filename}" if error.filename else ""
+        print(f"error: {error.strerror or error}:{where}; check the path and the disk.", file=sys.stderr)
         return 2
     print(f"merged weights: {out}")
     return 0

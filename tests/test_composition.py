@@ -63,9 +63,75 @@ def test_mixed_batches_do_not_nest_and_need_one_name_per_sample():
         with pytest.raises(AdapterError, match="do not nest"):
             with mixed_adapters(model, ["a", "a"]):
                 pass
-    with pytest.raises(AdapterError, match="4 rows in its input's first dimension.*one adapter name per sample"):
+    with pytest.raises(AdapterError, match="4 rows in its input's batch dimension.*one adapter name per sample"):
         with mixed_adapters(model, ["a", "b"]):  # 2 names for 4 samples: never applied in blocks
             _out(model, images(4))
+
+
+class _SequenceFirst(nn.Module):
+    """A block written for ``[T, B, C]`` inputs (the batch in dimension 1), as sequence-first code is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, C]
+        return self.proj(x.transpose(0, 1)).transpose(0, 1)
+
+
+def test_a_layer_that_sees_the_batch_in_another_dimension_is_served_once_declared():
+    from grft_vision.tuner.batch_context import BATCH_LAYOUTS, register_batch_layout
+
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(8, 8), _SequenceFirst(), nn.Linear(8, 3))
+    x = torch.randn(4, 4, 8)  # B = T = 4: a row count cannot tell the batch from the sequence
+    register_batch_layout(_SequenceFirst, dim=1)
+    try:
+        model = copy.deepcopy(original)
+        for seed, name in ((1, "a"), (2, "b")):
+            apply_grft(model, random_scores(original, seed), GRFTConfig(structure="row", k=2, head_modules=["2"]),
+                       adapter_name=name)
+            with torch.no_grad():
+                for param in model.parameters():
+                    if param.requires_grad:
+                        param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)))
+        names = ["a", "b", None, "b"]
+        expected = []
+        for i, name in enumerate(names):
+            if name is None:
+                with disable_adapter(model):
+                    expected.append(_out(model, x[i:i + 1]))
+            else:
+                set_adapter(model, name)
+                expected.append(_out(model, x[i:i + 1]))
+        with mixed_adapters(model, names):
+            torch.testing.assert_close(_out(model, x), torch.cat(expected), atol=1e-5, rtol=1e-5)
+    finally:
+        BATCH_LAYOUTS.pop(f"{_SequenceFirst.__module__}.{_SequenceFirst.__qualname__}")
+
+
+def test_a_mixed_batch_serves_adapters_with_frozen_entries_exactly():
+    """Frozen entries (what a dynamic schedule leaves) are written into the weight while their adapter is active;
+    a mixed batch still gives every sample exactly its own adapter (the batch used to be refused)."""
+    _, model = _two_adapters()
+    for name, offset in (("a", 0), ("b", 1)):
+        for _, layer in grft_layers(model):
+            layer.set_frozen(name, torch.tensor([offset, 3 + offset, 7 + offset]), torch.tensor([0.5, -0.25, 0.75]))
+    set_adapter(model, "a")
+    assert any(layer._written == ("a", False) for _, layer in grft_layers(model))
+    x = images(3, seed=11)
+    names = ["b", None, "a"]
+    expected = []
+    for i, name in enumerate(names):
+        if name is None:
+            with disable_adapter(model):
+                expected.append(_out(model, x[i:i + 1]))
+        else:
+            set_adapter(model, name)
+            expected.append(_out(model, x[i:i + 1]))
+    set_adapter(model, "a")
+    with mixed_adapters(model, names):
+        torch.testing.assert_close(_out(model, x), torch.cat(expected), atol=1e-5, rtol=1e-5)
 
 
 def test_a_mixed_batch_of_one_model_is_not_seen_by_another_model():

@@ -191,4 +191,5 @@ def test_base_weights_of_another_architecture_are_one_line(tmp_path, capsys):
     torch.save(timm.create_model("resnet18", **RESNET).state_dict(), tmp_path / "resnet.pth")
     assert export_main([str(adapter), "--base", str(tmp_path / "resnet.pth"), "--out", str(tmp_path / "o.pth")]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("error: could not load") and error.count("\n") == 1, error
+    assert error.startswith("error: --base") and "does not fit" in error and "ResNet-style" in error, error
+    assert error.count("\n") == 1, error

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io.adapters import from_pretrained, save_pretrained
+from ..io.adapters import CONFIG_NAME, from_pretrained, save_pretrained
 from ..errors import AdapterError, ConfigError
 from ..extras import import_optional
 from ..tuner.layer import own_class
@@ -133,13 +133,18 @@ class GRFTTrainer(transformers.Trainer):
         is over; returns it.
 
         Raises:
-            AdapterError: the model has no active adapter.
+            AdapterError: the model has no active adapter, or ``output_dir`` holds an adapter (``save_model`` or a
+                checkpoint wrote it): ``from_pretrained`` would read it as a PEFT adapter, not the merged model.
         """
         model = self._grft_model()
         if grft_state(model).active is None:
             raise AdapterError("the model has no active adapter to merge; call grft_vision.set_adapter(model, name).")
-        merge_grft(model)
         output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
+        if (Path(output_dir) / CONFIG_NAME).exists():
+            raise AdapterError(f"{output_dir!r} holds an adapter ({CONFIG_NAME}, written by save_model or a checkpoint), "
+                               "which from_pretrained would load as a PEFT adapter instead of the merged model; save "
+                               "the merged model to another folder (trainer.save_merged('out/merged')).")
+        merge_grft(model)
         if self.args.should_save:
             model.save_pretrained(output_dir)
             if self.processing_class is not None:

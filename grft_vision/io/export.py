@@ -15,6 +15,7 @@ Hugging Face ``config.json``, or the adapter's architecture and input size.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -30,8 +31,9 @@ from ..files import atomic_write
 from ..tuner.model import merge_grft
 from .adapters import apply_adapter_state
 from .checkpoints import SavedModel, read_saved, rebuild_wrapped, wrapped_adapter_names
+from .weights import check_weights_file, first_line
 
-__all__ = ["export_merged", "write_merged", "TORCH_SUFFIXES"]
+__all__ = ["export_merged", "write_merged", "check_output", "TORCH_SUFFIXES"]
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")
 _HF_HEADS = ("score", "classifier")
@@ -63,10 +65,9 @@ def _create_timm(name: str, options: Mapping[str, Any], **weights: Any) -> nn.Mo
     except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as error:
         if not weights.get("pretrained"):
             raise
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         source = weights.get("pretrained_cfg_overlay", {}).get("file") or f"the pre-trained weights of {name!r}"
-        raise ModelLoadError(f"could not load {source} into {name!r} with {options} ({first}); pass the base weights "
-                             "and the --model / --model-kwargs the run used.") from None
+        raise ModelLoadError(f"could not load {source} into {name!r} with {options} ({first_line(error)}); pass the "
+                             "base weights and the --model / --model-kwargs the run used.") from None
 
 
 @dataclass
@@ -89,6 +90,7 @@ class _Spec:
             return _create_timm(self.name, options, pretrained=pretrained)
         if not Path(base).is_file():
             raise ModelLoadError(f"--base {base!r} does not exist; pass the weights file the run started from.")
+        check_weights_file(self.name, Path(base), options, flag="--base")  # strictly: whatever checks the weights
         overlay = {"file": str(base), **({"num_classes": base_classes} if base_classes is not None else {})}
         return _create_timm(self.name, options, pretrained=True, pretrained_cfg_overlay=overlay)
 
@@ -221,6 +223,28 @@ def _choose(names: list[str], wanted: str | None, source: str) -> str:
         raise ConfigError(f"--adapter-name {wanted!r}: {source!r} holds the adapters {names}."
                           f"{did_you_mean(wanted, names)}")
     return wanted
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return folder.is_dir() and (path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents)
+
+
+def check_output(out: str | Path, inputs: Sequence[str | Path | None]) -> None:
+    """Refuse an output that would write onto an input: the same file (resolved, hard links included), an input
+    folder or a path inside one, or a folder holding an input.
+
+    Raises:
+        ConfigError: naming the input that would be overwritten.
+    """
+    out = Path(out)
+    for source in inputs:
+        if source is None or not Path(source).exists():
+            continue  # a hub id, or nothing
+        source = Path(source)
+        same = out.exists() and os.path.samefile(out, source)
+        if same or _inside(out, source) or _inside(source, out):
+            raise ConfigError(f"--out {str(out)!r} would write onto the input {str(source)!r}; choose another --out "
+                              "(export never replaces what it reads).")
 
 
 def write_merged(model: nn.Module, out: str | Path) -> Path:

@@ -55,10 +55,14 @@ def choose_indices(score: torch.Tensor, structure: str, k: int | float, *, group
         int64 indices, ascending, in the structure's layout (``[k]``, or ``[out, k]`` for per-row structures).
 
     Raises:
-        SelectionError: k does not fit the layer, or a score is NaN or infinite.
+        SelectionError: k does not fit the layer, a score is NaN or infinite, or on the meta device.
     """
     cls = STRUCTURES.get(structure)
     count = cls.resolve_count(k, tuple(score.shape), groups, layer_name=layer_name, clamp=clamp)
+    if score.is_meta:
+        raise SelectionError(f"layer {layer_name!r}: its score is on the meta device, which holds shapes but no values, "
+                             "so nothing can be ranked. Compute the scores from a model with real weights (for a "
+                             "model built on 'meta': model.to_empty(device=...) and load its weights first).")
     finite = torch.isfinite(score.detach())
     if not bool(finite.all()):
         raise SelectionError(

@@ -55,7 +55,7 @@ class GRFTLayer(nn.Module):
         base_layer: the layer to wrap (its parameters are frozen).
         state: the model's :class:`~grft_vision.tuner.state.GRFTState`.
         name: the layer's name in the model (for messages).
-        batch_major: the layer sees each sample of a batch as several rows (:mod:`.batch_context`).
+        batch_layout: where the batch is in the layer's input (:mod:`.batch_context`).
 
     Attributes:
         base_layer: the wrapped ``nn.Linear`` / ``nn.Conv2d`` (or subclass), weight and bias frozen.
@@ -64,14 +64,15 @@ class GRFTLayer(nn.Module):
 
     _plain_types: tuple[type, ...] = ()
 
-    def __init__(self, base_layer: nn.Module, state: GRFTState, name: str = "", batch_major: bool = False) -> None:
+    def __init__(self, base_layer: nn.Module, state: GRFTState, name: str = "",
+                 batch_layout: batch_context.BatchLayout = batch_context.BatchLayout()) -> None:
         super().__init__()
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
         self.grft_updates = nn.ModuleDict()
         self.grft_state = state
         self.grft_name = name
-        self.batch_major = batch_major
+        self.batch_layout = batch_layout
         self._plain = own_class(base_layer) in self._plain_types
         # what is written into the base weight: (adapter, with its trainable entries?) and the values it replaced
         self._written: tuple[str, bool] | None = None
@@ -265,30 +266,36 @@ class GRFTLayer(nn.Module):
     # ------------------------------------------------------------------ forward
     @property
     def weight(self) -> torch.Tensor:
-        """The effective weight of the active adapter, for code that reads ``layer.weight`` directly.
+        """The effective weight, for code that reads ``layer.weight`` directly (BEiT's attention).
 
         Materialises a dense tensor; the wrapper's own forward never calls this on the channel paths.
         """
         base = self.base_layer.weight
-        update = self._update_read_directly("weight")
-        return base if update is None else base + update.delta_weight().to(base.dtype)
+        batch = None if self.grft_state.disabled else batch_context.current(self.grft_state)
+        if batch is None:  # what is written plus the live update
+            update = self._live_update()
+            return base if update is None else base + update.delta_weight().to(base.dtype)
+        update = self._uniform_update(batch, "weight")
+        weight = self._base_weight()
+        return weight if update is None else weight + update.dense_change().to(weight.dtype)
 
     @property
     def bias(self) -> torch.Tensor | None:
-        """The effective bias of the active adapter (base bias plus its bias delta)."""
+        """The effective bias (base bias plus the bias delta of the adapter that applies)."""
         base = self.base_layer.bias
-        update = self._update_read_directly("bias")
-        if base is None or update is None or update.bias_delta is None:
+        if base is None or self.grft_state.disabled:
+            return base
+        batch = batch_context.current(self.grft_state)
+        if batch is None:
+            update = self._live_update()
+        else:
+            update, base = self._uniform_update(batch, "bias"), self.pristine_bias()
+        if update is None or update.bias_delta is None:
             return base
         return base + update.bias_delta.to(base.dtype)
 
-    def _update_read_directly(self, name: str) -> Update | None:
-        """The update behind a direct read of ``weight`` / ``bias``: the live one, or a uniform batch's adapter."""
-        if self.grft_state.disabled:
-            return None
-        batch = batch_context.current(self.grft_state)
-        if batch is None:
-            return self._live_update()
+    def _uniform_update(self, batch: batch_context.AdapterBatch, name: str) -> Update | None:
+        """The update of a uniform batch's adapter, for a direct read of ``weight`` / ``bias``."""
         if not batch.uniform:
             raise AdapterError(f"the model reads layer {self.grft_name!r}'s {name} directly (bypassing its forward), "
                                "so a batch of mixed adapters cannot give each sample its own update; run one adapter "
@@ -332,30 +339,58 @@ class GRFTLayer(nn.Module):
         return self._update_forward(update, x, bias)
 
     def _mixed_forward(self, x: torch.Tensor, batch: batch_context.AdapterBatch) -> torch.Tensor:
-        """Every row of ``x`` with its own adapter's update: the base output once, then each adapter's part."""
-        groups = batch.groups(x.shape[0], x.device, batch_major=self.batch_major, where=f"layer {self.grft_name!r}")
-        if len(groups) == 1:
+        """Every row of ``x`` with its own adapter's update: the base output once, then each adapter's part.
+
+        Whatever is written into the weight (the frozen entries of the active adapter's mask schedule) is
+        not part of the base here: the base output uses the pre-trained weight, and an update with frozen
+        entries runs with its whole dense change.
+        """
+        dim = self.batch_layout.dim
+        groups = batch.groups(x.shape[dim] if x.dim() > dim else 0, x.device, batch_major=self.batch_layout.batch_major,
+                              where=f"layer {self.grft_name!r}")
+        if len(groups) == 1 and self._written is None:  # one adapter: the layer's own paths, fused included
             update = self._group_update(groups[0][0])
-            return self.base_layer(x) if update is None else self._forward_with(update, x)
-        y = self.base_layer(x)
+            if update is None:
+                return self.base_layer(x)
+            return self._dense_forward(update, x) if update.frozen_index.numel() else self._forward_with(update, x)
+        y = self._base_output(x)
         for name, rows in groups:
             update = self._group_update(name)
             if update is None:
                 continue
-            inputs = x.index_select(0, rows)
-            if update.has_channel_form(self.geometry):
-                part = y.index_select(0, rows)
+            inputs = x.index_select(dim, rows)
+            if update.has_channel_form(self.geometry) and not update.frozen_index.numel():
+                part = y.index_select(dim, rows)
                 part = update.add_bias_to(part) if update.bias_delta is not None else part
                 part = update.add_to(part, inputs, self._conv) if update.delta.numel() else part
             else:
-                part = self._forward_with(update, inputs)
-            y = y.index_copy(0, rows, part)
+                part = self._dense_forward(update, inputs)
+            y = y.index_copy(dim, rows, part)
         return y
 
+    def _base_weight(self) -> torch.Tensor:
+        """The pre-trained weight as a tensor the forward may use (a copy only when something is written)."""
+        return self.base_layer.weight if self._written is None else self.pristine_weight()
+
+    def _base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output with the pre-trained weight and bias, whatever is written into them."""
+        if self._written is None:
+            return self.base_layer(x)
+        tensors = {"weight": self.pristine_weight()}
+        if self.base_layer.bias is not None:
+            tensors["bias"] = self.pristine_bias()
+        return torch.func.functional_call(self.base_layer, tensors, (x,))
+
+    def _dense_forward(self, update: Update, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's own forward with the pre-trained weight plus ``update``'s whole dense change."""
+        weight = self._base_weight()
+        tensors = {"weight": weight + update.dense_change().to(weight.dtype)}
+        if update.bias_delta is not None:
+            bias = self.pristine_bias()
+            tensors["bias"] = bias + update.bias_delta.to(bias.dtype)
+        return torch.func.functional_call(self.base_layer, tensors, (x,))
+
     def _group_update(self, name: str | None) -> Update | None:
-        if self._written is not None:
-            raise AdapterError(f"layer {self.grft_name!r} has an adapter merged or frozen entries written into its "
-                               "weight; a batch of mixed adapters needs them unmerged (grft_vision.unmerge_adapter).")
         return self.grft_updates[name] if name is not None and name in self.grft_updates else None
 
     @property
@@ -410,8 +445,9 @@ class GRFTConv2d(GRFTLayer):
 
     _plain_types = _PLAIN_CONV_TYPES
 
-    def __init__(self, base_layer: nn.Module, state: GRFTState, name: str = "", batch_major: bool = False) -> None:
-        super().__init__(base_layer, state, name, batch_major)
+    def __init__(self, base_layer: nn.Module, state: GRFTState, name: str = "",
+                 batch_layout: batch_context.BatchLayout = batch_context.BatchLayout()) -> None:
+        super().__init__(base_layer, state, name, batch_layout)
         base = base_layer
         unpadded = tuple(base.padding) == (0, 0) and tuple(base.dilation) == (1, 1) and own_class(base) is nn.Conv2d
         self._patchify = unpadded and base.groups == 1 and tuple(base.stride) == tuple(base.kernel_size)
@@ -448,12 +484,13 @@ class GRFTConv2d(GRFTLayer):
         return F.conv2d(x, weight, None, stride, padding, base.dilation, groups)
 
 
-def wrap_layer(layer: nn.Module, state: GRFTState, name: str = "", batch_major: bool = False) -> GRFTLayer:
+def wrap_layer(layer: nn.Module, state: GRFTState, name: str = "",
+               batch_layout: batch_context.BatchLayout = batch_context.BatchLayout()) -> GRFTLayer:
     """Wrap one ``nn.Linear`` or ``nn.Conv2d`` (subclasses included); it holds no adapter yet."""
     if isinstance(layer, nn.Linear):
-        return GRFTLinear(layer, state, name, batch_major)
+        return GRFTLinear(layer, state, name, batch_layout)
     if isinstance(layer, nn.Conv2d):
-        return GRFTConv2d(layer, state, name, batch_major)
+        return GRFTConv2d(layer, state, name, batch_layout)
     raise TypeError(f"GRFT wraps nn.Linear and nn.Conv2d layers, not {type(layer).__name__}.")
 
 

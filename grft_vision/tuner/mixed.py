@@ -13,9 +13,10 @@ of samples with that group's values. The context belongs to the calling thread a
 
 Each sample's output equals running it alone with its adapter active, up to float rounding. There must be
 one name per sample, and every wrapped layer's input must have the batch as its leading dimension (or be a
-registered batch-major module: Swin's windows); every adapter must be unmerged and free of frozen entries
-(dynamic schedules); adapters whose heads have different numbers of classes cannot share a batch. Inside
-:func:`~grft_vision.disable_adapter` every sample computes the base model.
+registered batch-major module: Swin's windows); no adapter may be merged (frozen entries of a mask
+schedule are fine: such an update runs with its dense change); adapters whose heads have different numbers
+of classes cannot share a batch. Inside :func:`~grft_vision.disable_adapter` every sample computes the base
+model.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from torch import nn
 
 from ..errors import AdapterError
 from . import batch_context
-from .layer import grft_layers
 from .state import grft_state
 
 __all__ = ["mixed_adapters"]
@@ -41,8 +41,8 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Ite
         adapter_names: one adapter name per sample of the batch, or None for the base model.
 
     Raises:
-        AdapterError: an unknown adapter name, an empty list, a merged adapter or frozen entries, or a mixed batch
-            already open in this thread.
+        AdapterError: an unknown adapter name, an empty list, a merged adapter, or a mixed batch already open in
+            this thread.
     """
     state = grft_state(model)
     names = list(adapter_names)
@@ -53,8 +53,8 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Ite
     if batch_context.current(state) is not None:
         raise AdapterError("mixed_adapters is already open for this model in this thread; mixed batches do not nest.")
     with state.mixed_block():  # from here on the adapters cannot change (check_changeable)
-        if state.merged or any(layer._written is not None for _, layer in grft_layers(model)):
-            raise AdapterError("an adapter is merged (or frozen entries of a mask schedule are written) into the "
-                               "weights; call grft_vision.unmerge_adapter(model) before a mixed-adapter batch.")
+        if state.merged and not state.disabled:
+            raise AdapterError(f"adapter {state.active!r} is merged into the weights, which every sample would "
+                               "then share; call grft_vision.unmerge_adapter(model) before a mixed-adapter batch.")
         with batch_context.pushed(state, batch_context.AdapterBatch(names)):
             yield

@@ -36,11 +36,10 @@ def refuse_peft_model(model: nn.Module) -> None:
                           "Merge PEFT first (model = model.merge_and_unload()) or apply GRFT to the base model.")
 
 
-def _batch_major(model: nn.Module, name: str) -> bool:
-    """True when module ``name`` lies inside a registered batch-major module (:mod:`.batch_context`)."""
-    parts = name.split(".")
-    ancestors = [model] + [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
-    return batch_context.is_batch_major(ancestors)
+def _batch_layout(model: nn.Module, name: str) -> batch_context.BatchLayout:
+    """Where module ``name`` sees the batch (:func:`~.batch_context.layout_of` of it and the modules around it)."""
+    parts = name.split(".") if name else []
+    return batch_context.layout_of([model] + [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts) + 1)])
 
 
 def inject(model: nn.Module, adapter_name: str, indices: Mapping[str, torch.Tensor], structures: Mapping[str, str],
@@ -70,15 +69,14 @@ def inject(model: nn.Module, adapter_name: str, indices: Mapping[str, torch.Tens
     for name, layer_indices in indices.items():
         layer = model.get_submodule(name)
         if not isinstance(layer, GRFTLayer):
-            layer = wrap_layer(layer, state, name, _batch_major(model, name))
+            layer = wrap_layer(layer, state, name, _batch_layout(model, name))
             replace_module(model, name, layer)
         layer.add_adapter(adapter_name, structures[name], layer_indices, train_bias=config.train_bias,
                           keep_float32=config.autocast_adapter_dtype)
     head_names = head_module_names(model, config.head_modules)
     for module_name, owner, tensor_name in fully_trained_tensors(model, config, head_names) + tracked_statistics(model):
         own_tensor(owner, tensor_name, adapter_name, state, owner_name=module_name,
-                   batch_major=_batch_major(model, module_name) if module_name else False,
-                   keep_float32=config.autocast_adapter_dtype)
+                   batch_layout=_batch_layout(model, module_name), keep_float32=config.autocast_adapter_dtype)
     state.adapters[adapter_name] = AdapterRecord(config, selection, dict(budgets or {}))
     model.grft_state = state
     set_adapter(model, adapter_name)

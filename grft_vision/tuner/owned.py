@@ -157,8 +157,8 @@ class OwnerMixin:
         batch = None if state.disabled else batch_context.current(state)
         if batch is None or batch.uniform:
             return super().forward(*args, **kwargs)
-        return batch_context.split_forward(state, batch, super().forward, args, kwargs,
-                                           batch_major=owned.batch_major, where=f"module {owned.owner_name!r}")
+        return batch_context.split_forward(state, batch, super().forward, args, kwargs, layout=owned.batch_layout,
+                                           where=f"module {owned.owner_name!r}")
 
     def __reduce_ex__(self, protocol: int) -> tuple:
         return _rebuild_owner, (self.grft_base_class, self.grft_owned_names), self.__getstate__()
@@ -191,11 +191,11 @@ def _rebuild_owner(base: type, names: tuple[str, ...]) -> nn.Module:
 class _OwnedTensors(nn.ModuleDict):
     """``owner.grft_owned``: the owner's :class:`OwnedTensor` modules by tensor name."""
 
-    def __init__(self, state: GRFTState, owner_name: str, batch_major: bool) -> None:
+    def __init__(self, state: GRFTState, owner_name: str, batch_layout: batch_context.BatchLayout) -> None:
         super().__init__()
         self.grft_state = state
         self.owner_name = owner_name
-        self.batch_major = batch_major
+        self.batch_layout = batch_layout
 
 
 def _legacy_keys(owner: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -214,7 +214,8 @@ def owned_tensor_of(owner: nn.Module, name: str) -> OwnedTensor | None:
 
 
 def own_tensor(owner: nn.Module, name: str, adapter: str, state: GRFTState, *, owner_name: str = "",
-               batch_major: bool = False, keep_float32: bool = True) -> torch.Tensor:
+               batch_layout: batch_context.BatchLayout = batch_context.BatchLayout(),
+               keep_float32: bool = True) -> torch.Tensor:
     """Give ``adapter`` its own copy of ``owner.<name>`` (a parameter or a buffer); returns the copy, which
     starts as the original (pre-trained) value."""
     owned_tensor = owned_tensor_of(owner, name)
@@ -222,7 +223,7 @@ def own_tensor(owner: nn.Module, name: str, adapter: str, state: GRFTState, *, o
         if "grft_owned" not in owner._modules:
             object.__setattr__(owner, _KEY_ORDER, {"_parameters": list(owner._parameters),
                                                    "_buffers": list(owner._buffers)})
-            owner.grft_owned = _OwnedTensors(state, owner_name, batch_major)
+            owner.grft_owned = _OwnedTensors(state, owner_name, batch_layout)
             handle = owner._register_load_state_dict_pre_hook(_legacy_keys, with_module=True)
             object.__setattr__(owner, "_grft_legacy_hook", handle.id)
         is_buffer = name in owner._buffers

@@ -305,6 +305,15 @@ class Update(Float32Masters):
         """The trainable part of the update as a dense tensor of the weight's shape."""
         return self.scatter(self.delta)
 
+    def dense_change(self) -> torch.Tensor:
+        """The whole change of the weight, ``scatter(delta) + frozen``, dense, in ``delta``'s dtype."""
+        change = self.delta_weight()
+        if self.frozen_index.numel():
+            frozen = torch.zeros(change.numel(), dtype=change.dtype, device=change.device)
+            frozen = frozen.index_add(0, self.frozen_index, self.frozen_value.to(change.dtype))
+            change = change + frozen.view(change.shape)
+        return change
+
     def positions(self) -> torch.Tensor:
         """Flat positions in the weight of ``delta``'s entries, in ``delta``'s layout (int64)."""
         numel = math.prod(self.weight_shape)
