@@ -161,7 +161,7 @@ def test_packages_import_one_way_only():
 
 # names of registered structures, scores and methods, which only their registries may branch on
 _REGISTERED = ("row", "column", "sparse", "tap_column", "grft", "full", "head", "supcon", "cross_entropy", "fisher",
-               "grasp", "synflow", "magnitude", "random")
+               "grasp", "synflow", "magnitude")  # ("random" is also a kind of base weights)
 _BRANCH = re.compile(r"""(?:==|!=|\bin\b|\bnot in\b)\s*\(?["'](%s)["']""" % "|".join(_REGISTERED))
 
 

@@ -28,6 +28,7 @@ LOWER_BOUND_REASONS = [
     ("torch", "2.3", r"from torch\.nn\.attention import .*sdpa_kernel"),
     ("timm", "1.0.10", r"NativeScaler\(self\.device\.type\)"),  # timm's loss scaler takes the device
     ("torch", "2.0", r"torch\.func\.functional_call"),
+    ("torchvision", "0.16", r"from torchvision\.transforms import v2"),
     ("timm", "1.0.12", r"create_scheduler_v2\("),  # returns the epochs with the warm-up prefix (below)
     ("timm", "0.9", r"from timm\.layers"),
     ("transformers", "4.56", r"from_(?:pretrained|config)\([^)]*\bdtype="),

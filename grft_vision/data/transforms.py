@@ -24,6 +24,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
+from ..selection.views import CONTRASTIVE_RECIPE
 from ..tuner.anatomy import input_size
 
 __all__ = ["PROTOCOLS", "TwoViews", "contrastive_transform", "create_transforms", "resolve_model_data_config"]
@@ -116,16 +117,15 @@ def contrastive_transform(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """GPS's augmentation for the SupCon selection loss (``benchmark-protocols.md`` §3).
-
-    ``RandomResizedCrop((H, W), scale=(0.08, 1))``, horizontal flip, ``ColorJitter(0.4, 0.4, 0.4, 0.1)`` with
-    probability 0.8, ``RandomGrayscale`` with probability 0.2, then the model's normalisation (bicubic).
+    """GPS's augmentation for the SupCon selection loss on PIL images (``benchmark-protocols.md`` §3): the recipe of
+    :data:`grft_vision.selection.views.CONTRASTIVE_RECIPE` — ``RandomResizedCrop((H, W), scale=(0.08, 1))``,
+    horizontal flip, ``ColorJitter(0.4, 0.4, 0.4, 0.1)`` with probability 0.8, ``RandomGrayscale`` with
+    probability 0.2, then the model's normalisation (bicubic). Its twin for image tensors is
+    :class:`~grft_vision.selection.views.ContrastiveViews`.
     """
     config = resolve_model_data_config(model_or_data_config)
-    return create_transform(
-        input_size=config["input_size"], is_training=True, scale=FGVC_SCALE, ratio=FGVC_RATIO, hflip=0.5,
-        color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_prob=0.8, grayscale_prob=0.2, interpolation="bicubic",
-        mean=tuple(mean or config["mean"]), std=tuple(std or config["std"]))
+    return create_transform(input_size=config["input_size"], is_training=True, **CONTRASTIVE_RECIPE,
+                            mean=tuple(mean or config["mean"]), std=tuple(std or config["std"]))
 
 
 class TwoViews:

@@ -113,9 +113,7 @@ class GRFTTrainer(transformers.Trainer):
 
     def _load_adapter(self, checkpoint: str | os.PathLike, model: nn.Module | None = None) -> None:
         model = model if model is not None else self._grft_model()
-        name = grft_state(model).active or DEFAULT_ADAPTER
-        folder = Path(checkpoint) if name == DEFAULT_ADAPTER else Path(checkpoint) / name
-        from_pretrained(model, folder, adapter_name=name)
+        from_pretrained(model, checkpoint, adapter_name=grft_state(model).active or DEFAULT_ADAPTER)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Resume: the active adapter of ``checkpoint-N/`` into the model (optimizer, scheduler, RNG: the Trainer)."""

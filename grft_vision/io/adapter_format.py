@@ -200,11 +200,18 @@ def check_identity(source: str, parsed: ParsedAdapter, model: nn.Module, owned: 
 
 def _base_hint(base: dict[str, Any]) -> str:
     """Where the base weights an adapter records came from, for a message."""
+    weights = base.get("weights") or {}
+    kind = weights.get("kind")
+    if kind == "random":
+        return f"a random initialisation after torch.manual_seed({weights.get('seed')}), as its run created it"
+    if kind == "file":
+        return f"the weights file {weights.get('path')!r} (sha256 {str(weights.get('sha256'))[:12]}...)"
     if base.get("pretrained_tag"):
-        return f"pretrained tag {base['pretrained_tag']!r}"
+        return f"timm's pre-trained weights of tag {base['pretrained_tag']!r}"
     if base.get("hf_hub_id"):
         return f"model {base['hf_hub_id']!r}"
-    return "the weights file of its run"
+    tag = weights.get("config_tag")
+    return "its base weights were not recorded" + (f"; its model's config names tag {tag!r}" if tag else "")
 
 
 def _expect_float(key: str, tensor: torch.Tensor | None, shape: tuple[int, ...], source: str) -> None:

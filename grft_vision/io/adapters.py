@@ -21,10 +21,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from ..errors import AdapterError
+from ..errors import AdapterError, did_you_mean
 from ..files import atomic_write
 from ..tuner.layer import grft_layers
-from ..tuner.lifecycle import list_adapters
+from ..tuner.lifecycle import list_adapters, set_adapter
 from ..tuner.model import inject
 from ..tuner.owned import owned_tensor_of
 from ..tuner.state import DEFAULT_ADAPTER, grft_state
@@ -34,7 +34,7 @@ from .adapter_format import (ADAPTER_FORMAT, FORMAT_1, ParsedAdapter, adapter_st
                              expected_owned, from_format_1, parse_metadata)
 
 __all__ = ["save_adapter", "load_adapter", "save_pretrained", "from_pretrained", "apply_adapter_state",
-           "CONFIG_NAME", "WEIGHTS_NAME"]
+           "directory_adapters", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _PLAIN_METADATA = ("format", "adapter_name", "library_version")
@@ -58,9 +58,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike,
                     adapter_names: list[str] | None = None) -> Path:
-    """Write adapters (default: all) as PEFT-style directories: ``adapter_config.json`` + ``adapter_model.safetensors``.
-
-    The ``default`` adapter goes to ``directory`` itself, every other one to ``directory/<name>``.
+    """Write adapters (default: all) into one directory, as PEFT lays them out: ``adapter_config.json`` +
+    ``adapter_model.safetensors`` of the ``default`` adapter at the top, every other one in ``directory/<name>``;
+    :func:`from_pretrained` loads them all back.
     """
     directory = Path(directory)
     for name in adapter_names or list_adapters(model):
@@ -206,18 +206,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
                                check_weights=check_weights)
 
 
-def from_pretrained(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None, *,
-                    check_weights: bool = True) -> nn.Module:
-    """Load the adapter a :func:`save_pretrained` directory holds (see :func:`load_adapter`).
-
-    Raises:
-        AdapterError: no such directory, a missing or unreadable ``adapter_config.json``, or as :func:`load_adapter`.
-    """
-    directory = Path(directory)
+def _read_directory_adapter(directory: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of the adapter at the top of a :func:`save_pretrained` directory."""
     config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise AdapterError(f"{str(directory)!r} holds no {CONFIG_NAME}; pass a directory written by "
-                           "grft_vision.save_pretrained (or load a single file with load_adapter).")
     try:
         readable = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -226,5 +217,58 @@ def from_pretrained(model: nn.Module, directory: str | os.PathLike, adapter_name
         raise AdapterError(f"{str(config_path)!r} holds a {type(readable).__name__}, not an adapter config.")
     metadata = {key: value if isinstance(value, str) else json.dumps(value) for key, value in readable.items()}
     _, tensors = read_adapter_file(directory / WEIGHTS_NAME)
-    return apply_adapter_state(model, tensors, metadata, adapter_name=adapter_name, source=str(directory),
-                               check_weights=check_weights)
+    return metadata, tensors
+
+
+def directory_adapters(directory: str | os.PathLike) -> dict[str, Path]:
+    """The adapters a :func:`save_pretrained` directory holds: ``{name: folder}``, the one at the top first (under
+    the name it was saved with), then every sub-folder holding one (under the folder's name)."""
+    directory = Path(directory)
+    found: dict[str, Path] = {}
+    if (directory / CONFIG_NAME).is_file():
+        try:
+            name = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8")).get("adapter_name")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            name = None
+        found[name if isinstance(name, str) else DEFAULT_ADAPTER] = directory
+    if directory.is_dir():
+        for folder in sorted(entry for entry in directory.iterdir() if (entry / CONFIG_NAME).is_file()):
+            found.setdefault(folder.name, folder)
+    return found
+
+
+def from_pretrained(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None, *,
+                    check_weights: bool = True) -> nn.Module:
+    """Load the adapters of a :func:`save_pretrained` directory (PEFT's layout: the default adapter at the top,
+    others in sub-folders named after them); see :func:`load_adapter` for what a load checks.
+
+    Args:
+        model: the base model (plain or wrapped).
+        directory: the directory.
+        adapter_name: None: load every adapter the directory holds, the one at the top active (else the first);
+            a name the directory holds: that adapter only; any other name, for a directory holding one adapter:
+            that adapter under this name.
+        check_weights: as for :func:`load_adapter`.
+
+    Raises:
+        AdapterError: no adapter in the directory, no adapter of that name, or as :func:`load_adapter`.
+    """
+    directory = Path(directory)
+    adapters = directory_adapters(directory)
+    if not adapters:
+        raise AdapterError(f"{str(directory)!r} holds no {CONFIG_NAME} (at the top or in a sub-folder); pass a "
+                           "directory written by grft_vision.save_pretrained (or load a single file with load_adapter).")
+    if adapter_name is not None:
+        if adapter_name in adapters:
+            adapters = {adapter_name: adapters[adapter_name]}
+        elif len(adapters) == 1:
+            adapters = {adapter_name: next(iter(adapters.values()))}
+        else:
+            raise AdapterError(f"{str(directory)!r} holds the adapters {list(adapters)}, not {adapter_name!r}."
+                               f"{did_you_mean(adapter_name, adapters)}")
+    for name, folder in adapters.items():
+        metadata, tensors = _read_directory_adapter(folder)
+        apply_adapter_state(model, tensors, metadata, adapter_name=name, source=str(folder),
+                            check_weights=check_weights)
+    set_adapter(model, next(iter(adapters)))
+    return model

@@ -80,12 +80,17 @@ class _Spec:
     hugging_face: bool = False
 
     def create_timm(self, num_classes: int | None, base: str | None = None, pretrained: bool = False,
-                    base_classes: int | None = None) -> nn.Module:
-        """A timm model of ``num_classes`` (default: ``options``' or timm's), random, or with the weights of file
-        ``base`` (whose head, of ``base_classes`` rows when known, is kept when it has ``num_classes``) or of the hub."""
+                    base_classes: int | None = None, seed: int | None = None) -> nn.Module:
+        """A timm model of ``num_classes`` (default: ``options``' or timm's): random (after ``torch.manual_seed(seed)``
+        when a seed is given: a run's random base), or with the weights of file ``base`` (whose head, of
+        ``base_classes`` rows when known, is kept when it has ``num_classes``) or of the hub."""
         options = dict(self.options)
         if num_classes is not None:
             options.setdefault("num_classes", num_classes)
+        if base is None and seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return _create_timm(self.name, options, pretrained=False)
         if base is None:
             return _create_timm(self.name, options, pretrained=pretrained)
         if not Path(base).is_file():
@@ -200,18 +205,31 @@ def _merge_adapter(saved: SavedModel, spec: _Spec, base: str | None, pretrained:
                               "Hugging Face model it was trained from.")
         model = spec.create_hugging_face(base, _rows(tensors, [f"{h}.weight" for h in _HF_HEADS]))
     else:
-        base = base if base is not None else (None if pretrained else saved.base)
-        if base is None and not (pretrained or saved.pretrained):
-            raise ConfigError(f"{saved.source!r} holds only the adapter; pass the base weights it was trained from: "
-                              f"--base FILE, or --pretrained for timm's pre-trained weights of {spec.name!r}.")
+        identity = json.loads(metadata.get("base_model", "{}"))
+        weights = identity.get("weights") or {}
+        recorded_file = weights.get("path") if weights.get("kind") == "file" else None
+        base = base if base is not None else (None if pretrained else saved.base or recorded_file)
+        seed = weights.get("seed") if base is None and not pretrained and weights.get("kind") == "random" else None
+        if base is not None and not Path(base).is_file() and base == recorded_file:
+            raise ConfigError(f"{saved.source!r} was trained on the weights file {base!r} (sha256 "
+                              f"{weights.get('sha256')}), which is not there any more; pass it with --base.")
+        if base is None and seed is None and not (pretrained or saved.pretrained):
+            raise ConfigError(f"{saved.source!r} holds only the adapter, and {_base_advice(identity, spec.name)}.")
         heads = [f"{h}.weight" for h in _classifiers(spec.name)]
-        shapes = json.loads(metadata.get("base_model", "{}")).get("param_shapes", {})
         own_rows = _rows(tensors, heads)  # the adapter trains the head: its own size, the base's head is unused
-        base_rows = _rows(shapes, heads)  # it does not: the base file's head stays
-        model = spec.create_timm(own_rows or base_rows, base=base, pretrained=base is None,
-                                 base_classes=None if own_rows else base_rows)
+        base_rows = _rows(identity.get("param_shapes", {}), heads)  # it does not: the base file's head stays
+        model = spec.create_timm(own_rows or base_rows, base=base, pretrained=base is None and seed is None,
+                                 base_classes=None if own_rows else base_rows, seed=seed)
     apply_adapter_state(model, tensors, metadata, source=saved.source, check_weights=check_weights)
     return merge_grft(model)
+
+
+def _base_advice(identity: Mapping[str, Any], name: str) -> str:
+    """What to pass for an adapter whose base weights were not recorded."""
+    tag = (identity.get("weights") or {}).get("config_tag") or identity.get("pretrained_tag")
+    pretrained = f"--pretrained for timm's pre-trained weights of {name.split('.')[0]}" + (f".{tag}" if tag else "")
+    return f"where its base weights came from was not recorded: pass the weights it was trained on, --base FILE, or " \
+           f"{pretrained} if it was trained on those"
 
 
 def _choose(names: list[str], wanted: str | None, source: str) -> str:

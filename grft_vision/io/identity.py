@@ -1,14 +1,28 @@
 """The identity of a base model: what an adapter records of the model it was trained on, and the check that
 a model is that model.
 
-An adapter records the architecture, pretrained tag / Hub id / input size when known, every backbone
-parameter's shape, and a fingerprint of every backbone parameter (sums in float64, exact up to the rounding
-of a dtype cast), so that loading onto a model the adapter does not fit is an error, never a silent mismatch.
+An adapter records the architecture, where its base weights came from, the Hub id / input size when known,
+every backbone parameter's shape, and a fingerprint of every backbone parameter (sums in float64, exact up to
+the rounding of a dtype cast), so that loading onto a model the adapter does not fit is an error, never a
+silent mismatch.
+
+Where the base weights came from (``weights`` in the identity) is what the code that created the model
+recorded with :func:`record_base_weights` — the training scripts do; a model built elsewhere is ``unknown``:
+
+- ``{"kind": "pretrained", "tag": ...}``: timm's pre-trained weights of that tag (or a Hub id);
+- ``{"kind": "file", "path": ..., "sha256": ...}``: a local weights file;
+- ``{"kind": "random", "seed": ...}``: a random initialisation right after ``torch.manual_seed(seed)``, which
+  export rebuilds (its fingerprints say whether it is the same);
+- ``{"kind": "unknown", "config_tag": ...}``: not recorded (the tag the model's config names, for advice only).
+
+``pretrained_tag`` is only set for the first kind.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +31,10 @@ from torch import nn
 from ..tuner.anatomy import architecture_name, base_tensors, input_size
 from ..tuner.layer import grft_layers
 
-__all__ = ["fingerprint", "fingerprints_match", "pretrained_parameters", "base_identity"]
+__all__ = ["fingerprint", "fingerprints_match", "pretrained_parameters", "base_identity", "record_base_weights",
+           "base_weights", "file_sha256"]
+
+_ATTRIBUTE = "grft_base_weights"  # the root model's record of where its weights came from
 
 _FINGERPRINT_CHUNK = 1 << 20
 _EPS = {"float64": 2.2e-16, "float32": 1.2e-7, "bfloat16": 7.8e-3, "float16": 9.8e-4}
@@ -65,14 +82,48 @@ def pretrained_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_base_weights(model: nn.Module, kind: str, **details: Any) -> nn.Module:
+    """Record where ``model``'s weights came from (see the module docstring); returns the model.
+
+    Args:
+        kind: ``pretrained`` (details: ``tag`` or ``hub_id``), ``file`` (``path``; ``sha256`` is computed when
+            missing), or ``random`` (``seed``: the ``torch.manual_seed`` right before the model was created).
+    """
+    if kind not in ("pretrained", "file", "random"):
+        raise ValueError(f"kind={kind!r} must be 'pretrained', 'file' or 'random'.")
+    if kind == "file" and "sha256" not in details:
+        details["sha256"] = file_sha256(details["path"])
+    object.__setattr__(model, _ATTRIBUTE, {"kind": kind, **details})
+    return model
+
+
+def base_weights(model: nn.Module) -> dict[str, Any]:
+    """Where ``model``'s weights came from, as recorded (``{"kind": "unknown", ...}`` when nothing was)."""
+    recorded = getattr(model, _ATTRIBUTE, None)
+    if recorded is not None:
+        return dict(recorded)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {"kind": "unknown", "config_tag": cfg.get("tag")}
+
+
 def base_identity(model: nn.Module, owned: set[str]) -> dict[str, Any]:
     """What an adapter records of its base model (the tensors it owns left out)."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+    weights = base_weights(model)
     tensors = {name: t for name, t in pretrained_parameters(model).items() if name not in owned}
     return {
         "architecture": architecture_name(model),
-        "pretrained_tag": cfg.get("tag"),
-        "hf_hub_id": cfg.get("hf_hub_id") or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "weights": weights,
+        "pretrained_tag": weights.get("tag") if weights["kind"] == "pretrained" else None,
+        "hf_hub_id": weights.get("hub_id") or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "input_size": list(input_size(model) or []) or None,
         "param_shapes": {name: list(t.shape) for name, t in tensors.items()},
         "fingerprints": {name: {"dtype": str(t.dtype).removeprefix("torch."), "sums": fingerprint(t)}

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError, GRFTConfig
+from ..io.identity import record_base_weights
 from ..selection import BatchFeatures
 from ..training.config import TrainConfig
 from ..training.task import Task
@@ -61,9 +62,15 @@ class GlueTask(Task):
     def build_model(self, train: TrainConfig, num_classes: int) -> nn.Module:
         train = self._settings(train)
         self.tokenizer = load_tokenizer(train.model, train.pad_token)
+        if not train.pretrained:  # the random base is this seed's (recorded below)
+            torch.manual_seed(train.seed)
         model = load_classifier(train.model, num_classes, self.tokenizer, pretrained=train.pretrained,
                                 dtype=resolve_dtype(train.dtype, train.device),
                                 gradient_checkpointing=train.gradient_checkpointing, progress=not train.quiet)
+        if train.pretrained:
+            record_base_weights(model, "pretrained", hub_id=train.model)
+        else:
+            record_base_weights(model, "random", seed=train.seed)
         check_max_length(model, self.tokenizer, train.max_length)
         self.pooling = resolve_pooling(model, train.pooling)
         return model

@@ -19,4 +19,5 @@ __getattr__, __dir__, __all__ = attach(__name__, {
                   "remap_optimizer_state"],
     "subsets": ["split_subsets"],
     "topk": ["SelectionError", "candidate_count", "choose_indices", "resolve_k"],
+    "views": ["CONTRASTIVE_RECIPE", "ContrastiveViews"],
 })

@@ -34,6 +34,7 @@ from .features import BatchFeatures, VisionFeatures
 from .losses import CrossEntropySelectionLoss, SupConSelectionLoss, selection_loss
 from .scores import SCORES, data_free_scores
 from .subsets import mean_subset_loss, split_subsets, subset_loader
+from .views import ContrastiveViews
 
 __all__ = ["SelectionResult", "ScoreRun", "compute_scores"]
 
@@ -263,8 +264,9 @@ def compute_scores(
     Args:
         model: the model before :func:`~grft_vision.apply_grft` (its targeted layers unwrapped), or a wrapped
             model (scored as it computes: with the active adapter, or the base inside ``disable_adapter``).
-        dataloader: a ``DataLoader`` yielding ``(images, labels)`` (images ``[B, C, H, W]`` or, with two views,
-            ``[B, 2, C, H, W]``); any iterable of batches when ``config.num_subsets == 1``. Not needed by the
+        dataloader: a ``DataLoader`` yielding ``(images, labels)``: images ``[B, C, H, W]`` normalised with the
+            model's mean/std (the views are drawn from them: :class:`~.views.ContrastiveViews`) or ``[B, V, C, H,
+            W]`` views already drawn; any iterable of batches when ``config.num_subsets == 1``. Not needed by the
             data-free scores (magnitude, synflow, random).
         config: GRFT config (targets and the selection options, ``config.selection_config``).
         features: maps a batch to ``(features, labels)``; default :class:`VisionFeatures` (timm pre-logits for
@@ -299,7 +301,8 @@ def compute_scores(
     loss = selection_loss(options.loss, options.temperature)
     if features is None:
         logits = (lambda net, images: net(images)) if loss.uses_logits else None
-        features = VisionFeatures(options.views, feature_fn=logits)
+        augment = ContrastiveViews.for_model(model, options.views) if options.views > 1 else None
+        features = VisionFeatures(options.views, feature_fn=logits, augment=augment)
     batch_loss = _BatchLoss(features, loss, device, amp)
     if options.num_subsets > 1 and not isinstance(dataloader, DataLoader):
         raise SelectionError("num_subsets > 1 needs a torch DataLoader (its dataset is split into subsets).")

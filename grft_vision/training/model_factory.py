@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, did_you_mean
+from ..io.identity import record_base_weights
 from ..io.weights import UNREADABLE, check_weights_file, first_line
 from .config import VisionTrainConfig
 
@@ -34,7 +35,7 @@ def create_timm_model(train: VisionTrainConfig, num_classes: int) -> nn.Module:
     options = {"num_classes": num_classes, "drop_path_rate": train.drop_path}
     if train.img_size is not None:
         options["img_size"] = train.img_size
-    pretrained = train.pretrained
+    pretrained, weights = train.pretrained, {"kind": "random", "seed": train.seed}
     if train.checkpoint is not None:
         path = Path(train.checkpoint).expanduser()
         if not path.is_file():
@@ -42,8 +43,10 @@ def create_timm_model(train: VisionTrainConfig, num_classes: int) -> nn.Module:
                                  "(.safetensors, .pth or .npz as timm reads them).")
         check_weights_file(train.model, path, options)
         options["pretrained_cfg_overlay"] = {"file": str(path)}
-        pretrained = True
+        pretrained, weights = True, {"kind": "file", "path": str(path.resolve())}
     try:
+        if not pretrained:  # the random base is this seed's: export rebuilds it (recorded below)
+            torch.manual_seed(train.seed)
         model = timm.create_model(train.model, pretrained=pretrained, **options)
     except TypeError as error:
         raise ModelLoadError(f"{train.model!r} does not accept {sorted(options)}: {error}") from error
@@ -56,7 +59,9 @@ def create_timm_model(train: VisionTrainConfig, num_classes: int) -> nn.Module:
         raise ModelLoadError(f"could not load {source} ({first_line(error)}); {hint}.") from error
     if train.img_size is not None:
         _check_image_size(model, train)
-    return model
+    if pretrained and weights["kind"] == "random":
+        weights = {"kind": "pretrained", "tag": model.pretrained_cfg.get("tag")}
+    return record_base_weights(model, **weights)
 
 
 def _check_image_size(model: nn.Module, train: VisionTrainConfig) -> None:
