@@ -20,10 +20,10 @@ from .tuner.layer import GRFTConv2d, GRFTLayer, GRFTLinear
 from .tuner.lifecycle import (delete_adapter, disable_adapter, list_adapters, merge_adapter, set_adapter,
                               unmerge_adapter)
 from .tuner.mixed import mixed_adapters
-from .tuner.model import merge_grft, unload_grft
+from .tuner.model import merge_and_unload, merge_grft, unload, unload_grft
 from .tuner.regularization import L2ToPretrained
-from .tuner.trainable import (TrainableReport, adapter_parameters, print_trainable_parameters,
-                              trainable_parameters_report)
+from .tuner.trainable import (TrainableReport, adapter_parameters, get_nb_trainable_parameters,
+                              print_trainable_parameters, trainable_parameters_report)
 from .version import __version__ as __version__
 
 __all__ = [
@@ -48,10 +48,12 @@ __all__ = [
     "delete_adapter",
     "disable_adapter",
     "from_pretrained",
+    "get_nb_trainable_parameters",
     "is_grft_model",
     "list_adapters",
     "load_adapter",
     "merge_adapter",
+    "merge_and_unload",
     "merge_grft",
     "mixed_adapters",
     "print_trainable_parameters",
@@ -59,6 +61,7 @@ __all__ = [
     "save_pretrained",
     "set_adapter",
     "trainable_parameters_report",
+    "unload",
     "unload_grft",
     "unmerge_adapter",
 ]

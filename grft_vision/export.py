@@ -11,6 +11,7 @@ import sys
 from typing import Any, Sequence
 
 from .errors import GRFTError
+from .io.checkpoints import read_saved
 from .io.export import check_output, export_merged, write_merged
 
 __all__ = ["main"]
@@ -38,9 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained", action="store_true", help="base weights: timm's pre-trained weights")
     parser.add_argument("--adapter-name", help="the adapter to merge when the checkpoint holds several")
     ema = parser.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="ema", action="store_const", const=True, default=None,
-                     help="merge the model EMA's weights (the default when the checkpoint has them)")
-    ema.add_argument("--no-ema", dest="ema", action="store_const", const=False, help="merge the live weights")
+    ema.add_argument("--ema", "--use-ema", dest="ema", action="store_true",
+                     help="timm checkpoints: merge the model EMA's weights (state_dict_ema) instead of the live ones, "
+                          "as timm's validate.py --use-ema")
+    ema.add_argument("--no-ema", dest="ema", action="store_false", help="merge the live weights (the default)")
     parser.add_argument("--no-check-weights", dest="check_weights", action="store_false",
                         help="load an adapter onto base weights other than its own on purpose")
     return parser
@@ -51,8 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         check_output(args.out, [args.checkpoint, args.base])
-        model = export_merged(args.checkpoint, model=args.model, model_kwargs=dict(args.model_kwargs), base=args.base,
-                              pretrained=args.pretrained, adapter_name=args.adapter_name, ema=args.ema,
+        saved = read_saved(args.checkpoint, ema=args.ema)
+        model = export_merged(saved, model=args.model, model_kwargs=dict(args.model_kwargs), base=args.base,
+                              pretrained=args.pretrained, adapter_name=args.adapter_name,
                               check_weights=args.check_weights)
         out = write_merged(model, args.out)
     except GRFTError as error:
@@ -62,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" {error.filename}" if error.filename else ""
         print(f"error: {error.strerror or error}:{where}; check the path and the disk.", file=sys.stderr)
         return 2
-    print(f"merged weights: {out}")
+    print(f"merged weights: {out}" + (f" (from {saved.weights})" if saved.weights else ""))
     return 0
 
 

@@ -76,10 +76,20 @@ def test_configs_are_package_data_and_the_top_level_folder_shows_them():
     assert (REPO / "configs").resolve() == builtin_config_dir("vtab").parent
 
 
-@pytest.mark.parametrize("benchmark, dataset, missing", [("vtab", "cub", "cub.yaml"), ("fgvc", "dtd", "dtd.yaml")])
-def test_a_missing_builtin_config_is_an_error(benchmark, dataset, missing):
-    with pytest.raises(ConfigError, match=rf"no config file .*{missing}: .* has configs for .*its own benchmark"):
+@pytest.mark.parametrize("benchmark, dataset, script", [("vtab", "cub", "train_fgvc.py"),
+                                                        ("fgvc", "dtd", "train_vtab.py")])
+def test_a_dataset_of_the_other_benchmark_names_its_script(benchmark, dataset, script):
+    with pytest.raises(ConfigError, match=rf"'{dataset}' is not a {benchmark.upper()} dataset; run it with {script}"):
         resolve_settings(benchmark, ["--dataset", dataset], builtin_config_dir(benchmark))
+
+
+def test_a_missing_builtin_config_is_an_error(tmp_path):
+    import shutil
+
+    folder = shutil.copytree(builtin_config_dir("vtab"), tmp_path / "vtab")
+    (folder / "defaults.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"no config file .*defaults\.yaml: .* has configs for .*its own benchmark"):
+        resolve_settings("vtab", ["--dataset", "dtd"], folder)
 
 
 def test_a_config_folder_without_defaults_is_an_error(tmp_path):

@@ -462,7 +462,8 @@ def test_train_glue_cli_on_glue_tsv_files(tiny_dirs, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert glue("--dataset", "cola", *tiny_args(tiny_dirs["llama"], data, run_dir), "--rows", "2",
                 "--reg-lambda", "1e-3") == 0
-    assert re.search(r"^dev: accuracy \d\.\d{4}  mcc -?\d\.\d{4}  \(run directory: ", capsys.readouterr().out, re.M)
+    assert re.search(r"^dev accuracy \d\.\d{4}  mcc -?\d\.\d{4} \| trainable .* \| selection .* \| ", capsys.readouterr().out,
+                     re.M)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"accuracy", "mcc", "best_accuracy"} <= set(metrics) and metrics["k"] == 2 and metrics["epochs"] == 2
     assert 0 < metrics["trainable_percent"] < 10

@@ -91,7 +91,7 @@ def adapter_values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("saver_kind", ["timm", "adapter_only"])
-def test_train_py_pieces_resume_export_and_strict_load(initial_checkpoint, tmp_path, saver_kind):
+def test_train_py_pieces_resume_export_and_strict_load(initial_checkpoint, tmp_path, saver_kind, capsys):
     straight = build(initial_checkpoint, saver_kind, tmp_path / "straight")
     model, _, optimizer, _, _ = straight
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -119,9 +119,13 @@ def test_train_py_pieces_resume_export_and_strict_load(initial_checkpoint, tmp_p
 
     base = ["--base", str(initial_checkpoint)] if saver_kind == "adapter_only" else []
     images = train_data()[0][0][:4]
-    for flag, reference in (([], resumed[3].module), (["--no-ema"], resumed[0])):  # EMA by default, as timm loads
+    # the live weights by default, as timm's validate.py / clean_checkpoint.py; --use-ema (or --ema) the EMA's
+    for flag, reference, merged in (([], resumed[0], "state_dict (the checkpoint also holds the EMA's"),
+                                    (["--use-ema"], resumed[3].module, "state_dict_ema)")):
         out = tmp_path / f"merged{''.join(flag)}.pth"
+        capsys.readouterr()
         assert export_main([str(last), "--out", str(out), *base, *flag]) == 0
+        assert f"(from {merged}" in capsys.readouterr().out
         plain = timm.create_model(ARGS.model, num_classes=ARGS.num_classes, checkpoint_path=str(out),
                                   **ARGS.model_kwargs).eval()  # timm loads it strictly
         assert not any("grft" in key for key in plain.state_dict())

@@ -11,18 +11,20 @@ is missing.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import textwrap
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from ..extras import import_optional
+from ..extras import MissingDependencyError, import_optional
 from .errors import DataNotFoundError
 from .image_list import ImageListDataset
 from .vtab_tasks import VTAB_SPLITS, VTAB_TASKS, VtabTask
@@ -64,6 +66,11 @@ def _tfds() -> ModuleType:
     return import_optional("tensorflow_datasets", "reading VTAB-1k from TFDS")
 
 
+def can_build() -> bool:
+    """True when TFDS can build data here (TensorFlow is installed: the ``tfds-prepare`` extra)."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
 def select_tfds_version(task: VtabTask, data_dir: str) -> str:
     """The TFDS version to read for a task.
 
@@ -100,21 +107,42 @@ def select_tfds_version(task: VtabTask, data_dir: str) -> str:
     return version
 
 
-def _prepare_steps(task: VtabTask, builder: tfds.core.DatasetBuilder, data_dir: str) -> str:
-    """How to install the extra, (for manual tasks) place the files, and prepare the data."""
-    tfds_id = f"{task.tfds_name}:{builder.version}"
-    steps = ["To prepare it once (building needs TensorFlow; reading it afterwards does not):",
-             f"  {TFDS_PREPARE_INSTALL}"]
+def _prepare_steps(task: VtabTask, data_dir: str, version: str, manual_instructions: str = "",
+                   read_extra: bool = False) -> str:
+    """Every step to get a task's data: the extras, (for manual tasks) the files, building it (with the training
+    script's own flags, or tfds), and the folder layout as the alternative."""
+    tfds_id = f"{task.tfds_name}:{version}"
+    install = TFDS_PREPARE_INSTALL + (" (reading it afterwards needs only 'grft-vision[vtab]')" if read_extra else "")
+    steps = ["To prepare it once (building downloads the data, so it needs internet, and TensorFlow):",
+             f"  1. {install}"]
     if task.manual_download:
-        instructions = textwrap.dedent(builder.MANUAL_DOWNLOAD_INSTRUCTIONS or "").strip()
-        steps += [f"  # {task.tfds_name} cannot be downloaded automatically: first put its files in "
-                  f"{Path(data_dir, 'downloads', 'manual')}/",
-                  textwrap.indent(instructions, "  #   ")]
-    steps += [f"  tfds build {tfds_id} --data_dir {data_dir} --file_format array_record",
-              f"or in Python: VtabTfdsDataset({task.name!r}, split, data_dir={data_dir!r}, download=True).",
-              f"Alternatively, use the exported folder layout <root>/{task.folder_name}/<split>.txt "
-              "(VtabFolderDataset, layout='folder')."]
-    return "\n".join(steps)
+        steps += [f"  2. {task.tfds_name} cannot be downloaded automatically: put its files in "
+                  f"{Path(data_dir, 'downloads', 'manual')}/ first",
+                  textwrap.indent(textwrap.dedent(manual_instructions).strip(), "       ")]
+    step = 3 if task.manual_download else 2
+    steps += [f"  {step}. python train_vtab.py --dataset {task.name} --data-dir {data_dir} --download   (or: tfds build "
+              f"{tfds_id} --data_dir {data_dir} --file_format array_record)",
+              f"Or use the exported folder layout instead: --layout folder --data-dir ROOT, with "
+              f"ROOT/{task.folder_name}/train800val200.txt and test.txt listing 'relative/path.jpg label' lines."]
+    return "\n".join(line for line in steps if line.strip())
+
+
+def _prepared_versions(task: VtabTask, data_dir: str) -> list[str]:
+    """The versions of a task prepared in ``data_dir`` (read from the folders; needs no tfds)."""
+    folder = Path(data_dir, task.tfds_name)
+    return sorted(path.parent.name for path in folder.glob("*/dataset_info.json")) if folder.is_dir() else []
+
+
+@contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """TFDS logs a warning for every unprepared version folder it looks at; the errors here say it once."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
 
 
 def _not_readable_error(
@@ -129,22 +157,27 @@ def _not_readable_error(
         problem = f"is not prepared (expected {Path(builder.data_dir, 'dataset_info.json')})."
     return DataNotFoundError(
         f"VTAB task {task.name!r}: TFDS dataset {task.tfds_name}:{builder.version} under data_dir "
-        f"{data_dir!r} {problem}\n{_prepare_steps(task, builder, data_dir)}"
+        f"{data_dir!r} {problem}\n{_prepare_steps(task, data_dir, str(builder.version), _manual(builder))}"
     )
+
+
+def _manual(builder: tfds.core.DatasetBuilder) -> str:
+    return builder.MANUAL_DOWNLOAD_INSTRUCTIONS or ""
 
 
 def _download_and_prepare(task: VtabTask, builder: tfds.core.DatasetBuilder, data_dir: str) -> None:
     """Builds the data as array_record; raises :class:`DataNotFoundError` when that cannot work here."""
-    if importlib.util.find_spec("tensorflow") is None:
+    steps = _prepare_steps(task, data_dir, str(builder.version), _manual(builder))
+    if not can_build():
         raise DataNotFoundError(
             f"VTAB task {task.name!r}: download=True builds {task.tfds_name}:{builder.version} with TFDS, "
-            f"which needs TensorFlow, and it is not installed.\n{_prepare_steps(task, builder, data_dir)}"
+            f"which needs TensorFlow, and it is not installed.\n{steps}"
         )
     manual_dir = Path(data_dir, "downloads", "manual")
     if task.manual_download and not (manual_dir.is_dir() and any(manual_dir.iterdir())):
         raise DataNotFoundError(
             f"VTAB task {task.name!r}: {task.tfds_name} needs manually downloaded files in {manual_dir}/, "
-            f"which is missing or empty.\n{_prepare_steps(task, builder, data_dir)}"
+            f"which is missing or empty.\n{steps}"
         )
     from tensorflow_datasets.core.file_adapters import FileFormat
 
@@ -191,21 +224,39 @@ class VtabTfdsDataset(Dataset):
         self.num_classes = self.task.num_classes
         self.transform = transform
         split_string = self.task.split(split)
-        tfds = _tfds()
-        from tensorflow_datasets.core import constants as tfds_constants
+        data_dir = os.path.expanduser(os.fspath(data_dir) if data_dir else
+                                      os.environ.get("TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets")))
+        tfds = self._import_tfds(data_dir)
+        with _quiet_absl():
+            self.tfds_id, self.source = self._open(tfds, split_string, data_dir, download)
+
+    def _open(self, tfds: ModuleType, split_string: str, data_dir: str, download: bool
+              ) -> tuple[str, Sequence[dict[str, Any]]]:
+        """``(tfds id read, random-access source of the split)``, building the data first when ``download``."""
         from tensorflow_datasets.core.file_adapters import FileFormat
 
-        data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else tfds_constants.DATA_DIR
-        self.tfds_id = f"{self.task.tfds_name}:{select_tfds_version(self.task, data_dir)}"
-        builder = tfds.builder(self.tfds_id, data_dir=data_dir)
+        tfds_id = f"{self.task.tfds_name}:{select_tfds_version(self.task, data_dir)}"
+        builder = tfds.builder(tfds_id, data_dir=data_dir)
         if download:
             _download_and_prepare(self.task, builder, data_dir)
         try:
-            self.source: Sequence[dict[str, Any]] = builder.as_data_source(split=split_string)
+            return tfds_id, builder.as_data_source(split=split_string)
         except (NotImplementedError, ValueError) as err:  # tfds' errors for data it cannot random-access
             if builder.is_prepared() and builder.info.file_format in FileFormat.with_random_access():
                 raise
             raise _not_readable_error(self.task, builder, data_dir) from err
+
+    def _import_tfds(self, data_dir: str) -> ModuleType:
+        """tensorflow_datasets; when it is missing, one error with every step: the data, if it is not there either."""
+        try:
+            return _tfds()
+        except MissingDependencyError as error:
+            if _prepared_versions(self.task, data_dir):
+                raise
+            raise DataNotFoundError(
+                f"VTAB task {self.task.name!r} reads TFDS data, which needs tensorflow-datasets (not installed: "
+                f"pip install 'grft-vision[vtab]'), and its data is not prepared in {data_dir!r} either.\n"
+                f"{_prepare_steps(self.task, data_dir, self.task.tfds_version, read_extra=True)}") from error
 
     def __len__(self) -> int:
         return len(self.source)

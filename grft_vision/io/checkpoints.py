@@ -112,6 +112,7 @@ class SavedModel:
     base: str | None = None
     pretrained: bool = False
     hf_config: str | None = None
+    weights: str | None = None  # which of a timm checkpoint's weights were read, for the user
 
     @property
     def is_hugging_face(self) -> bool:
@@ -179,13 +180,14 @@ def _from_state(source: str, state: Mapping[str, Any], **hints: Any) -> SavedMod
     return SavedModel(source, wrapped=tensors, **hints)
 
 
-def read_saved(path: str | Path, *, ema: bool | None = None) -> SavedModel:
+def read_saved(path: str | Path, *, ema: bool = False) -> SavedModel:
     """Read any checkpoint the module docstring lists.
 
     Args:
         path: the checkpoint file or directory.
-        ema: timm checkpoints: True takes ``state_dict_ema`` (an error when there is none), False
-            ``state_dict``, None the EMA when present (as ``timm.create_model(checkpoint_path=...)`` does).
+        ema: timm checkpoints: True takes ``state_dict_ema`` (an error when there is none), False the live
+            weights ``state_dict`` — as timm's ``validate.py``, ``clean_checkpoint.py`` and ``avg_checkpoints.py``
+            do unless ``--use-ema``.
 
     Raises:
         ModelLoadError: no such file, an unreadable file, or a file of another kind.
@@ -210,9 +212,14 @@ def read_saved(path: str | Path, *, ema: bool | None = None) -> SavedModel:
         has_ema = payload.get("state_dict_ema") is not None
         if ema and not has_ema:
             raise ConfigError(f"--ema: {source!r} holds no 'state_dict_ema' (the run had no model EMA); leave --ema out.")
-        key = "state_dict_ema" if (has_ema if ema is None else ema) else "state_dict"
+        if "state_dict" not in payload and not ema:
+            raise ConfigError(f"{source!r} holds only the model EMA's weights ('state_dict_ema'); pass --ema.")
+        key = "state_dict_ema" if ema else "state_dict"
         name, options = _timm_spec(payload.get("args"))
-        return _from_state(source, payload[key], model_name=name or payload.get("arch"), model_kwargs=options)
+        saved = _from_state(source, payload[key], model_name=name or payload.get("arch"), model_kwargs=options)
+        saved.weights = f"{key}" + (" (the checkpoint also holds the EMA's, state_dict_ema: --ema merges those)"
+                                    if has_ema and not ema else "")
+        return saved
     return _from_state(source, payload)
 
 

@@ -144,18 +144,18 @@ def _spec(saved: SavedModel, model: str | None, model_kwargs: Mapping[str, Any] 
     return _Spec(name, options)
 
 
-def export_merged(path: str | Path, *, model: str | None = None, model_kwargs: Mapping[str, Any] | None = None,
+def export_merged(path: str | Path | SavedModel, *, model: str | None = None, model_kwargs: Mapping[str, Any] | None = None,
                   base: str | None = None, pretrained: bool = False, adapter_name: str | None = None,
-                  ema: bool | None = None, check_weights: bool = True) -> nn.Module:
+                  ema: bool = False, check_weights: bool = True) -> nn.Module:
     """The plain merged model of a checkpoint (see the module docstring); :func:`write_merged` writes it.
 
     Args:
-        path: the checkpoint.
+        path: the checkpoint (or what :func:`~.checkpoints.read_saved` read of it).
         model, model_kwargs: the timm model to build (default: what the checkpoint records).
         base, pretrained: the base weights of an adapter: a weights file (timm) or folder / hub id (Hugging Face),
             or timm's pre-trained weights of the model.
         adapter_name: which adapter of a state dict holding several.
-        ema: see :func:`read_saved`.
+        ema: timm checkpoints: merge the model EMA's weights instead of the live ones (see :func:`read_saved`).
         check_weights: compare the base weights with the adapter's fingerprints.
 
     Raises:
@@ -164,7 +164,7 @@ def export_merged(path: str | Path, *, model: str | None = None, model_kwargs: M
         ModelLoadError: an unreadable checkpoint, or one that does not fit the model.
         AdapterError: an adapter that does not fit the model or its base weights.
     """
-    saved = read_saved(path, ema=ema)
+    saved = path if isinstance(path, SavedModel) else read_saved(path, ema=ema)
     spec = _spec(saved, model, model_kwargs)
     if saved.wrapped is not None:
         return _merge_wrapped(saved, spec, base, pretrained, adapter_name)

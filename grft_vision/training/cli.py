@@ -26,7 +26,7 @@ import yaml
 from safetensors import SafetensorError
 
 from ..config import GRFTConfig
-from ..data import DATASET_NAMES, dataset_num_classes
+from ..data import DATASET_NAMES
 from ..errors import ConfigError, GRFTError, TrainingError, did_you_mean
 from ..extras import MissingDependencyError
 from .config import (TrainConfig, VisionTrainConfig, builtin_config_dir, builtin_config_files, load_layers,
@@ -110,22 +110,66 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def build_parser(benchmark: str, *, config_cls: type[TrainConfig] = VisionTrainConfig,
-                 dataset_names: Sequence[str] | None = None, flags: Flags | None = None) -> argparse.ArgumentParser:
-    """The argument parser of ``train_<benchmark>.py``.
+def benchmark_datasets(config_dir: str | Path) -> list[str]:
+    """The datasets a script runs: those its config folder has a file for (``<dataset>.yaml``)."""
+    return sorted(path.stem for path in Path(config_dir).glob("*.yaml") if path.stem != "defaults")
+
+
+class _Defaults:
+    """The real default of every setting of a script, for ``--help``: the benchmark's ``defaults.yaml``, else the
+    settings classes' own; and which settings a dataset's config file may change."""
+
+    def __init__(self, config_dir: str | Path, config_cls: type[TrainConfig]) -> None:
+        folder = Path(config_dir)
+        self.benchmark = _yaml_mapping(folder / "defaults.yaml")
+        self.per_dataset = set().union(*(_yaml_mapping(path) for path in folder.glob("*.yaml")
+                                         if path.stem != "defaults"))
+        self.config_cls = config_cls
+
+    def value(self, key: str) -> Any:
+        if key in self.benchmark:
+            return self.benchmark[key]
+        item = self.config_cls.__dataclass_fields__.get(key)
+        if item is not None:
+            return item.default
+        return GRFTConfig.default_of(key) if key in GRFTConfig.keys() else None
+
+    def text(self, key: str) -> str:
+        value = self.value(key)
+        text = f"default: {'not set' if value is None else value}"
+        return text + (", or the dataset's config" if key in self.per_dataset else "")
+
+
+def _yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return values if isinstance(values, dict) else {}
+
+
+def build_parser(benchmark: str, config_dir: str | Path | None = None, *,
+                 config_cls: type[TrainConfig] = VisionTrainConfig, dataset_names: Sequence[str] | None = None,
+                 flags: Flags | None = None) -> argparse.ArgumentParser:
+    """The argument parser of ``train_<benchmark>.py``; its help shows every option's real default.
 
     Args:
-        benchmark: the script's benchmark name (for the description).
-        config_cls: the settings class the flags fill (for the help texts).
-        dataset_names: valid ``--dataset`` values; None: the vision datasets.
+        benchmark: the script's benchmark name.
+        config_dir: its config folder (default: the benchmark's built-in configs).
+        config_cls: the settings class the flags fill (for the help texts and defaults).
+        dataset_names: valid ``--dataset`` values; None: those the config folder has a file for.
         flags: ``{flag: (setting key, argparse options)}``; None: :data:`FLAGS`.
     """
-    parser = _Parser(
-        description=f"GRFT fine-tuning on {benchmark.upper()} (flags override config files).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(dataset_names or DATASET_NAMES)}")
+    config_dir = builtin_config_dir(benchmark) if config_dir is None else config_dir
+    defaults = _Defaults(config_dir, config_cls)
+    parser = _Parser(description=f"GRFT fine-tuning on {benchmark.upper()}. Settings: the defaults shown below < "
+                                 f"{Path(config_dir).name}/defaults.yaml < {Path(config_dir).name}/<dataset>.yaml < "
+                                 "--config < --set < flags.")
+    names = list(dataset_names) if dataset_names is not None else benchmark_datasets(config_dir)
+    parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(names)}")
     structure = parser.add_mutually_exclusive_group()
-    structure.add_argument("--rows", type=_number, metavar="K", help="train K rows of every weight")
+    shape = f"(default: the dataset's config; {defaults.value('structure')}s, k={defaults.value('k')} otherwise)"
+    structure.add_argument("--rows", type=_number, metavar="K", help=f"train K rows of every weight {shape}")
     structure.add_argument("--cols", type=_number, metavar="K", help="train K columns of every weight")
     structure.add_argument("--sparse", type=_number, metavar="K", help="train K entries of every row (GPS)")
     from .methods import METHODS
@@ -133,7 +177,11 @@ def build_parser(benchmark: str, *, config_cls: type[TrainConfig] = VisionTrainC
     for flag, (key, options) in (FLAGS if flags is None else flags).items():
         if key == "method":
             options = {**options, "choices": METHODS.names()}
-        parser.add_argument(flag, dest=key, default=None, help=_help(key, config_cls), **options)
+        help_text = f"{_help(key, config_cls)} ({defaults.text(key)})"
+        parser.add_argument(flag, dest=key, default=None, help=help_text, **options)
+    if "download" in config_cls.__dataclass_fields__:
+        parser.add_argument("--download", action="store_const", const=True, default=None,
+                            help=f"{_help('download', config_cls)} (default: off)")
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_const", const=False, default=None,
                         help="random initialisation (no weights are loaded)")
     parser.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
@@ -174,11 +222,12 @@ def resolve_settings(benchmark: str, argv: Sequence[str] | None, config_dir: str
         ConfigError: an unknown dataset name (the message lists the valid ones), an unknown key in a file or
             ``--set``, a file that is not valid YAML, or an invalid value.
     """
-    args = build_parser(benchmark, config_cls=config_cls, dataset_names=dataset_names, flags=flags).parse_args(argv)
-    if dataset_names is None:
-        dataset_num_classes(args.dataset)  # raises ConfigError listing the valid names
-    else:
-        check_dataset_name(args.dataset, dataset_names)
+    args = build_parser(benchmark, config_dir, config_cls=config_cls, dataset_names=dataset_names,
+                        flags=flags).parse_args(argv)
+    if dataset_names is None and args.dataset in DATASET_NAMES and args.dataset not in benchmark_datasets(config_dir):
+        script = "train_fgvc.py" if benchmark == "vtab" else "train_vtab.py"
+        raise ConfigError(f"{args.dataset!r} is not a {benchmark.upper()} dataset; run it with {script}.")
+    check_dataset_name(args.dataset, dataset_names if dataset_names is not None else benchmark_datasets(config_dir))
     files = [*builtin_config_files(config_dir, args.dataset), *map(Path, args.config_files)]
     for path in files[2:]:
         if not path.is_file():
@@ -233,14 +282,21 @@ def main(benchmark: str, argv: Sequence[str] | None, config_dir: str | Path | No
                                    "again with --overwrite.")
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, _interrupted(train), prefix="interrupted")
-    if task is None:
-        print(f"test top-1: {metrics['top1']:.4f}  (run directory: {metrics['run_dir']})")
-    else:
-        last = metrics["history"][-1]
-        names = [task.main_metric, *(n for n in last if n not in _NOT_SCORES and n != task.main_metric)]
-        scores = "  ".join(f"{name} {last[name]:.4f}" for name in names)
-        print(f"{train.eval_split}: {scores}  (run directory: {metrics['run_dir']})")
+    print(summary_line(metrics, train.eval_split, task.main_metric if task is not None else "top1"))
     return 0
+
+
+def summary_line(metrics: Mapping[str, Any], eval_split: str, main_metric: str) -> str:
+    """The last line of a run: its scores, the trainable share, selection and training time, the run directory.
+
+    ``test top1 0.9900 | trainable 0.62 % of 5.53 M parameters | selection 2.1 s, training 38.4 s | runs/x``
+    """
+    last = metrics["history"][-1]
+    names = [main_metric, *(n for n in last if n not in _NOT_SCORES and n != main_metric)]
+    scores = "  ".join(f"{name} {last[name]:.4f}" for name in names)
+    share = f"trainable {metrics['trainable_percent']:.2f} % of {metrics['total'] / 1e6:.2f} M parameters"
+    times = f"selection {metrics['selection_seconds']:.1f} s, training {metrics['train_seconds']:.1f} s"
+    return f"{eval_split} {scores} | {share} | {times} | {metrics['run_dir']}"
 
 
 def _fail(code: int, message: str, prefix: str = "error") -> int:

@@ -8,6 +8,7 @@ and the closest valid key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.resources
 import os
 from dataclasses import dataclass, field
@@ -145,6 +146,9 @@ class VisionTrainConfig(TrainConfig):
     std: list[float] | None = field(default=None, metadata={"help": "Normalisation std; None: the model's."})
     mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (0: off)."})
     cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off)."})
+    download: bool = field(default=False, metadata={
+        "help": "VTAB from TFDS: build the task's data in --data-dir first when it is missing (needs internet and "
+                "pip install 'grft-vision[tfds-prepare]')."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -226,11 +230,21 @@ def yaml_problem(error: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
+# other libraries' names for settings, so that a key typed from habit gets the right suggestion
+_SYNONYMS = {"learning_rate": "lr", "optimizer": "opt", "scheduler": "sched", "lr_scheduler": "sched",
+             "num_epochs": "epochs", "max_epochs": "epochs", "wd": "weight_decay", "bs": "batch_size",
+             "output_dir": "run_dir", "out_dir": "run_dir", "num_workers": "workers", "label_smoothing": "smoothing",
+             "warmup_steps": "warmup_epochs", "lr_min": "min_lr", "dataset_dir": "data_dir", "data_path": "data_dir"}
+
+
 def _check_keys(values: Mapping[str, Any], where: str, config_cls: type[TrainConfig] = VisionTrainConfig) -> None:
     known = _field_names(config_cls) | set(GRFTConfig.keys())
+    synonyms = {name: key for name, key in _SYNONYMS.items() if key in known}
     for key in values:
         if key not in known:
-            raise ConfigError(f"{where}: unknown setting {key!r}.{did_you_mean(key, known)}")
+            close = difflib.get_close_matches(str(key), sorted(known | set(synonyms)), n=1)
+            hint = f" Did you mean {synonyms.get(close[0], close[0])!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown setting {key!r}.{hint}")
 
 
 def split_settings(values: Mapping[str, Any], where: str = "settings",

@@ -37,7 +37,7 @@ RUN_FILES = ("config.yaml", "selection.json", "adapter.safetensors", "trainable.
              "metrics.json")
 # settings that may differ between a run and its resumption
 RESUME_FREE = {"run_dir", "logdir", "quiet", "workers", "device", "eval_every", "divergence_factor",
-               "divergence_window", "fsdp"}
+               "divergence_window", "fsdp", "download"}
 
 
 def _lock(handle: IO) -> bool:

@@ -72,7 +72,7 @@ class VisionTask(Task):
 
     @staticmethod
     def _dataset(train: VisionTrainConfig, split: str, synthetic_samples: int) -> Dataset:
-        options = {}
+        options = {"download": True} if train.download else {}
         if train.dataset == "synthetic":
             options = {"num_classes": train.synthetic_classes, "image_size": train.synthetic_image_size,
                        "seed": train.seed, "num_samples": synthetic_samples}

@@ -25,7 +25,7 @@ from .owned import own_tensor, owned_tensors, release_tensor
 from .state import AdapterRecord, GRFTState, check_adapter_name, grft_state
 from .trainable import fully_trained_tensors, tracked_statistics
 
-__all__ = ["inject", "merge_grft", "unload_grft", "refuse_peft_model"]
+__all__ = ["inject", "merge_grft", "unload_grft", "merge_and_unload", "unload", "refuse_peft_model"]
 
 
 def refuse_peft_model(model: nn.Module) -> None:
@@ -118,3 +118,8 @@ def unload_grft(model: nn.Module) -> nn.Module:
         AdapterError: the model is not wrapped, or a context is open.
     """
     return _unwrap(model, merge=False, action="unload_grft")
+
+
+# PEFT's names for the same operations (PeftModel.merge_and_unload / unload), so that a PEFT user's habits work
+merge_and_unload = merge_grft
+unload = unload_grft

@@ -19,7 +19,7 @@ from .anatomy import base_tensors, grft_layers, in_modules, is_norm, logical_ten
 from .owned import owned_tensors
 
 __all__ = ["fully_trained_tensors", "tracked_statistics", "set_trainable", "adapter_parameters", "LayerReport",
-           "TrainableReport", "trainable_parameters_report", "print_trainable_parameters"]
+           "TrainableReport", "trainable_parameters_report", "print_trainable_parameters", "get_nb_trainable_parameters"]
 
 _POS_EMBED_NAMES = ("pos_embed", "absolute_pos_embed")
 _TOKEN_NAMES = ("cls_token", "reg_token", "dist_token")
@@ -161,6 +161,12 @@ def trainable_parameters_report(model: nn.Module) -> TrainableReport:
     else:
         fully = {name: p.numel() for name, p in base_tensors(model).items() if p.requires_grad}
     return TrainableReport(trainable, total, layers, fully)
+
+
+def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable parameters, all parameters of the base model)``, as PEFT's ``get_nb_trainable_parameters``."""
+    report = trainable_parameters_report(model)
+    return report.trainable, report.total
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
