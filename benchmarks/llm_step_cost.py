@@ -1,18 +1,17 @@
 """Cost of one training step of a Llama-architecture language model, every fine-tuning method side by side.
 
-The language-model counterpart of ``step_cost.py`` (whose measurement pieces it uses: FLOP counter,
-saved-for-backward bytes, gradient / optimizer bytes, interleaved timing, markdown). A model is built from a
-``transformers.LlamaConfig`` with random weights (no download; weights do not change the cost) and trained
-on one random batch of token ids.
+The language-model counterpart of ``step_cost.py``, with the same measurement pieces (``benchkit``: FLOP
+counter, saved-for-backward bytes, gradient / optimizer bytes, interleaved timing, markdown). A model is built
+from a ``transformers.LlamaConfig`` with random weights (no download; weights do not change the cost) and
+trained on one random batch of token ids.
 
-============  =======================================================================================
-full          full fine-tuning, Adam over every parameter (embeddings, tied LM head and norms included)
-lora          Hugging Face PEFT LoRA, r=8, alpha=r, on q/k/v/o/gate/up/down of every decoder layer
-grft-row      grft_vision ``structure='row'`` on the same linears, k chosen to match LoRA's trainable count
-grft-col      the same with ``structure='column'``
-grft-sparse   the same with ``structure='sparse'`` (k entries per row)
-floor         every parameter frozen, backward of the loss to the input embeddings (no weight gradient)
-============  =======================================================================================
+Methods: the registry :data:`METHODS` (full fine-tuning; PEFT LoRA, r=8, on q/k/v/o/gate/up/down of every
+decoder layer; GRFT rows / columns / sparse entries on the same linears, k matched to LoRA's trainable count;
+the frozen floor; ``docs/benchmarks.md`` describes each). A new method is one registration::
+
+    @METHODS.register("my-method", description="what it trains")
+    def setup_my_method(model: nn.Module, context: SetupContext) -> Setup:
+        ...  # model: a fresh copy of the Llama; return Setup(TokenLoss(model, task), optimizer, trainable)
 
 Figures per method: trainable parameters, FLOPs of forward + backward, bytes saved for backward, gradient
 and optimizer-state bytes, the **peak memory of the method in its own process** (a fresh Python process per
@@ -36,6 +35,7 @@ import ctypes
 import dataclasses
 import datetime
 import gc
+import importlib
 import json
 import math
 import os
@@ -43,7 +43,6 @@ import platform
 import resource
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -51,29 +50,23 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchkit.cli import add_step_cost_arguments
+from benchkit.compare import add_ratios, check_timer, time_interleaved, torch_threads
+from benchkit.memory import ADAM_BYTES_PER_PARAM, MB, trainable_bytes
+from benchkit.registry import MethodRegistry
+from benchkit.report import (check, command_line, device_name, exit_status, fmt, fmt_ratio, load_average,
+                             load_average_line, markdown_table, progress_logger, publish, step_detail_markdown,
+                             targets_markdown)
+from benchkit.step import Setup, StepCostMethod, instrumented_step, profile_step, train_step
+from benchkit.trainable import adam, trainable_parameters
+from grft_vision import GRFTConfig, apply_grft, trainable_parameters_report
+from llm_memory import LLAMA_3_2_1B, LlamaShape
 
-from llm_memory import LLAMA_3_2_1B, LlamaShape  # noqa: E402
-from step_cost import (ADAM_BYTES_PER_PARAM, MB, Setup, _device_name, _fmt, _fmt_ratio, add_ratios,  # noqa: E402
-                       exit_status, instrumented_step, profile_step, step_detail_markdown, targets_markdown, time_interleaved,
-                       train_step)
+__all__ = ["SetupContext", "METHODS", "PRESETS", "LORA_TARGETS", "Workload", "TokenLoss", "build_model", "make_batch",
+           "adapted_linears", "matching_k", "matched_ks", "measure", "peak_memory_of", "check_targets", "to_markdown",
+           "run", "main"]
 
-from grft_vision import GRFTConfig, apply_grft, trainable_parameters_report  # noqa: E402
-
-__all__ = ["METHODS", "PRESETS", "LORA_TARGETS", "Workload", "build_model", "make_batch", "adapted_linears",
-           "matching_k", "measure", "peak_memory_of", "check_targets", "to_markdown", "run", "main"]
-
-METHODS = ("full", "lora", "grft-row", "grft-col", "grft-sparse", "floor")
-GRFT_STRUCTURES = {"grft-row": "row", "grft-col": "column", "grft-sparse": "sparse"}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DESCRIPTIONS = {
-    "full": "full fine-tuning, Adam over every parameter",
-    "lora": "PEFT LoRA r=8 on q/k/v/o/gate/up/down of every decoder layer",
-    "grft-row": "grft_vision structure='row' on the same linears, k rows matching LoRA's count",
-    "grft-col": "grft_vision structure='column' on the same linears, k columns matching LoRA's count",
-    "grft-sparse": "grft_vision structure='sparse' on the same linears, k entries per row matching LoRA's count",
-    "floor": "all frozen, backward of the loss to the input embeddings (no weight gradients)",
-}
 PRESETS = {
     # the CPU default: about 110 M parameters with tied embeddings
     "cpu-100m": LlamaShape(hidden=768, layers=12, heads=12, kv_heads=12, head_dim=64, intermediate=2048, vocab=32000),
@@ -183,52 +176,81 @@ def matching_k(layers: dict[str, nn.Linear], structure: str, target: int) -> int
 
 
 # --------------------------------------------------------------------------------------------- methods
-def _adam(model: nn.Module, lr: float) -> torch.optim.Adam:
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+@dataclass(frozen=True)
+class SetupContext:
+    """What a method's setup may use besides its copy of the model."""
+
+    workload: Workload
+    k: int | None = None  # GRFT: the k nearest LoRA's trainable count (:func:`matching_k`); None otherwise
 
 
-def _setup_full(model: nn.Module, workload: Workload, ks: dict[str, int]) -> Setup:
+METHODS: MethodRegistry[StepCostMethod] = MethodRegistry(StepCostMethod)
+
+
+@METHODS.register("full", description="full fine-tuning, Adam over every parameter")
+def setup_full(model: nn.Module, context: SetupContext) -> Setup:
     model.requires_grad_(True)
-    return Setup("full", TokenLoss(model, workload.task), _adam(model, workload.lr),
+    return Setup(TokenLoss(model, context.workload.task), adam(model, context.workload.lr),
                  sum(p.numel() for p in model.parameters()))
 
 
-def _setup_lora(model: nn.Module, workload: Workload, ks: dict[str, int]) -> Setup:
+@METHODS.register("lora", description="PEFT LoRA r=8 on q/k/v/o/gate/up/down of every decoder layer",
+                  imports=("peft.tuners.lora",))
+def setup_lora(model: nn.Module, context: SetupContext) -> Setup:
     from peft import LoraConfig, get_peft_model
 
+    workload = context.workload
     targets = sorted(adapted_linears(model))
     heads = ["score"] if workload.task == "classify" else None
     config = LoraConfig(r=workload.lora_rank, lora_alpha=workload.lora_rank, lora_dropout=0.0, bias="none",
                         target_modules=targets, modules_to_save=heads)
     model = get_peft_model(model, config)
-    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Setup("lora", TokenLoss(model, workload.task), _adam(model, workload.lr), count,
+    count = sum(p.numel() for p in trainable_parameters(model))
+    return Setup(TokenLoss(model, workload.task), adam(model, workload.lr), count,
                  notes=[f"LoRA on {len(targets)} linears"])
 
 
-def _setup_grft(name: str) -> Callable[[nn.Module, Workload, dict[str, int]], Setup]:
-    def setup(model: nn.Module, workload: Workload, ks: dict[str, int]) -> Setup:
+def grft_setup(structure: str) -> Callable[[nn.Module, SetupContext], Setup]:
+    """The setup of GRFT with ``structure`` on :func:`adapted_linears`: random scores, ``context.k`` per weight."""
+
+    def setup(model: nn.Module, context: SetupContext) -> Setup:
+        workload = context.workload
         layers = adapted_linears(model)
         generator = torch.Generator(device=workload.device).manual_seed(workload.seed)
         scores = {f"{layer_name}.weight": torch.rand(layer.weight.shape, generator=generator, device=workload.device)
                   for layer_name, layer in layers.items()}
-        config = GRFTConfig(structure=GRFT_STRUCTURES[name], k=ks[name], target_modules=sorted(layers))
+        config = GRFTConfig(structure=structure, k=context.k, target_modules=sorted(layers))
         model = apply_grft(model, scores, config)
         del scores
-        return Setup(name, TokenLoss(model, workload.task), _adam(model, workload.lr),
-                     trainable_parameters_report(model).trainable, notes=[f"k={ks[name]}"])
+        return Setup(TokenLoss(model, workload.task), adam(model, workload.lr),
+                     trainable_parameters_report(model).trainable, notes=[f"k={context.k}"])
 
     return setup
 
 
-def _setup_floor(model: nn.Module, workload: Workload, ks: dict[str, int]) -> Setup:
+for _name, _structure, _description in (
+        ("grft-row", "row", "grft_vision structure='row' on the same linears, k rows matching LoRA's count"),
+        ("grft-col", "column", "grft_vision structure='column' on the same linears, k columns matching LoRA's count"),
+        ("grft-sparse", "sparse",
+         "grft_vision structure='sparse' on the same linears, k entries per row matching LoRA's count")):
+    METHODS.register(_name, description=_description, structure=_structure)(grft_setup(_structure))
+
+
+@METHODS.register("floor", description="all frozen, backward of the loss to the input embeddings (no weight gradients)")
+def setup_floor(model: nn.Module, context: SetupContext) -> Setup:
     model.requires_grad_(False)
     model.enable_input_require_grads()  # the embedding output requires grad: backward runs down to it
-    return Setup("floor", TokenLoss(model, workload.task), None, 0)
+    return Setup(TokenLoss(model, context.workload.task), None, 0)
 
 
-SETUPS = {"full": _setup_full, "lora": _setup_lora, "grft-row": _setup_grft("grft-row"),
-          "grft-col": _setup_grft("grft-col"), "grft-sparse": _setup_grft("grft-sparse"), "floor": _setup_floor}
+def matched_ks(layers: dict[str, nn.Linear], lora_count: int) -> dict[str, int]:
+    """The k of every GRFT method (by method name) whose trainable count in ``layers`` is nearest ``lora_count``."""
+    return {method.name: matching_k(layers, method.structure, lora_count) for method in METHODS.values()
+            if method.structure is not None}
+
+
+def _build(method: str, model: nn.Module, workload: Workload, ks: dict[str, int]) -> Setup:
+    return METHODS[method].build(model, SetupContext(workload, ks.get(method)))
 
 
 # --------------------------------------------------------------------------------------------- peak memory
@@ -265,12 +287,12 @@ def _peak_rss_bytes() -> int:
 
 
 def _import_libraries(method: str) -> None:
-    """Import what building and training ``method`` loads, so that a process's baseline already holds it."""
+    """Import what building and training ``method`` loads, so that a process's baseline already holds it (the
+    library and ``benchkit`` came with this module's own imports)."""
     import transformers.models.llama.modeling_llama  # noqa: F401
-    import grft_vision.api  # noqa: F401
 
-    if method == "lora":
-        import peft.tuners.lora  # noqa: F401
+    for module in METHODS[method].imports:
+        importlib.import_module(module)
 
 
 def peak_memory_of(method: str, workload: Workload, ks: dict[str, int], steps: int = 2,
@@ -299,7 +321,7 @@ def peak_memory_of(method: str, workload: Workload, ks: dict[str, int], steps: i
     device = torch.device(workload.device)
     cuda = device.type == "cuda"
     baseline = 0 if cuda else _proc_status_bytes("VmRSS") or 0
-    setup = SETUPS[method](build_model(workload), workload, ks)
+    setup = _build(method, build_model(workload), workload, ks)
     input_ids, labels = make_batch(workload)
     if cuda:
         torch.cuda.synchronize(device)
@@ -340,51 +362,37 @@ def _child_main(payload: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------- measure
-def _log(progress: bool, message: str) -> None:
-    if progress:
-        print(f"[llm_step_cost {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _trainable_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-
-
-def measure(workload: Workload, methods: Sequence[str] = METHODS, *, repeats: int = 5, warmup: int = 2,
+def measure(workload: Workload, methods: Sequence[str] | None = None, *, repeats: int = 5, warmup: int = 2,
             timer: str = "wall", threads: int | None = None, peak_steps: int = 2, profile: bool = False,
             progress: bool = False) -> list[dict[str, Any]]:
-    """Measure every method on ``workload``; one dict of figures per method, in ``methods`` order.
+    """Measure every method on ``workload``; one dict of figures per method, in ``methods`` order (None: every
+    registered method).
 
     First each method's peak memory, each in a fresh process (:func:`peak_memory_of`, ``peak_steps``
     steps; 0 skips it). Then, in this process, every method from a deep copy of the same model: its first
-    step instrumented (FLOPs, saved-for-backward bytes, gradient and optimizer bytes, as in
-    ``step_cost.instrumented_step``), then ``warmup`` + ``repeats`` interleaved timing rounds
-    (``step_cost.time_interleaved``; ``timer`` 'wall' or 'cpu'). Ratios to ``floor``, ``full`` and ``lora``
+    step instrumented (FLOPs, saved-for-backward bytes, gradient and optimizer bytes:
+    ``benchkit.step.instrumented_step``), then ``warmup`` + ``repeats`` interleaved timing rounds
+    (``benchkit.compare.time_interleaved``; ``timer`` 'wall' or 'cpu'). Ratios to ``floor``, ``full`` and ``lora``
     are added for the methods in the run. GRFT's k per structure is the one nearest LoRA's adapter count.
     """
-    unknown = [m for m in methods if m not in SETUPS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    if timer not in ("wall", "cpu"):
-        raise ValueError(f"timer={timer!r} must be 'wall' or 'cpu'")
+    methods = METHODS.names() if methods is None else methods
+    METHODS.check(methods)
+    check_timer(timer)
     if peak_steps == 1 or peak_steps < 0:
         raise ValueError(f"peak_steps={peak_steps} must be 0 (skip) or at least 2 (Adam's moments exist from step 2)")
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _measure(workload, methods, repeats=repeats, warmup=warmup, timer=timer, threads=threads,
                         peak_steps=peak_steps, profile=profile, progress=progress)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _measure(workload: Workload, methods: Sequence[str], *, repeats: int, warmup: int, timer: str,
              threads: int | None, peak_steps: int, profile: bool, progress: bool) -> list[dict[str, Any]]:
+    log = progress_logger("llm_step_cost", progress)
     base = build_model(workload)
     input_ids, labels = make_batch(workload)
     layers = adapted_linears(base)
     lora_count = lora_adapter_count(layers, workload.lora_rank)
-    ks = {name: matching_k(layers, structure, lora_count) for name, structure in GRFT_STRUCTURES.items()}
+    ks = matched_ks(layers, lora_count)
     total = sum(p.numel() for p in base.parameters())
 
     peaks: dict[str, dict[str, Any]] = {}
@@ -393,33 +401,32 @@ def _measure(workload: Workload, methods: Sequence[str], *, repeats: int, warmup
         if torch.device(workload.device).type == "cuda":
             torch.cuda.empty_cache()
         for name in methods:
-            _log(progress, f"peak memory of {name} in its own process")
+            log(f"peak memory of {name} in its own process")
             peaks[name] = _peak_memory_in_subprocess(name, workload, ks, peak_steps, threads)
         base = build_model(workload)
 
     setups: dict[str, Setup] = {}
     rows: dict[str, dict[str, Any]] = {}
     for name in methods:
-        _log(progress, f"set up and instrumented step: {name}")
-        setup = SETUPS[name](copy.deepcopy(base), workload, ks)
-        setups[name] = setup
-        trainable_bytes = _trainable_bytes(setup.model)
+        log(f"set up and instrumented step: {name}")
+        setup = setups[name] = _build(name, copy.deepcopy(base), workload, ks)
+        tensor_bytes = trainable_bytes(setup.model)
         figures = instrumented_step(setup, input_ids, labels)
         figures.pop("peak_memory_bytes")  # this process holds every method; the peak comes from its own process
         rows[name] = {
-            "method": name, "description": DESCRIPTIONS[name], "trainable_params": setup.trainable,
-            "requires_grad_params": sum(p.numel() for p in setup.model.parameters() if p.requires_grad),
-            "trainable_tensor_bytes": trainable_bytes, "total_params": total, "k": ks.get(name),
+            "method": name, "description": METHODS[name].description, "trainable_params": setup.trainable,
+            "requires_grad_params": sum(p.numel() for p in trainable_parameters(setup.model)),
+            "trainable_tensor_bytes": tensor_bytes, "total_params": total, "k": ks.get(name),
             "lora_adapter_params": lora_count, "adapted_linears": len(layers), **figures,
             **peaks.get(name, {"peak_memory_bytes": None}), "notes": list(setup.notes),
         }
     del base
     for name, figures in time_interleaved(setups, input_ids, labels, warmup=warmup, repeats=repeats, timer=timer,
-                                          progress=progress).items():
+                                          log=log).items():
         rows[name].update(figures)
     if profile:
         for name in methods:
-            _log(progress, f"profile {name}")
+            log(f"profile {name}")
             rows[name]["profile_s"] = profile_step(setups[name], input_ids, labels)
     del setups
     add_ratios(rows, ("floor", "full", "lora"),
@@ -428,10 +435,6 @@ def _measure(workload: Workload, methods: Sequence[str], *, repeats: int, warmup
 
 
 # --------------------------------------------------------------------------------------------- targets
-def _check(target: str, value: Any, limit: str, passed: bool | None) -> dict[str, Any]:
-    return {"target": target, "value": value, "limit": limit, "passed": passed}
-
-
 def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The byte identities and the issue's LLM targets, each with the measured value and pass/fail.
 
@@ -444,53 +447,45 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         value = row["grad_bytes"] + row["optimizer_state_bytes"] - row["optimizer_step_scalar_bytes"]
         analytic = 3 * row["trainable_tensor_bytes"]
-        checks.append(_check(f"grad + Adam moments {name} = 3 x its trainable tensors' bytes", value,
+        checks.append(check(f"grad + Adam moments {name} = 3 x its trainable tensors' bytes", value,
                              f"== {analytic}", value == analytic))
-        if name in GRFT_STRUCTURES:
+        if name in METHODS and METHODS[name].structure is not None:
             analytic = ADAM_BYTES_PER_PARAM * row["trainable_params"]
-            checks.append(_check(f"grad + Adam moments {name} = 12 B x trainable", value, f"== {analytic}",
+            checks.append(check(f"grad + Adam moments {name} = 12 B x trainable", value, f"== {analytic}",
                                  value == analytic))
     if "grft-col" in by:
         col = by["grft-col"]
         for reference, limit in (("lora", 0.85), ("full", 0.40)):
             ratio = col.get(f"peak_vs_{reference}")
             if ratio is not None:
-                checks.append(_check(f"peak memory grft-col / {reference}", ratio, f"<= {limit}", ratio <= limit))
+                checks.append(check(f"peak memory grft-col / {reference}", ratio, f"<= {limit}", ratio <= limit))
         ratio = col.get("time_vs_lora")
         if ratio is not None:
-            checks.append(_check("step time grft-col / lora", ratio, "<= 0.90", ratio <= 0.90))
+            checks.append(check("step time grft-col / lora", ratio, "<= 0.90", ratio <= 0.90))
     return checks
 
 
 # --------------------------------------------------------------------------------------------- output
-def _table(header: list[str], body: list[list[str]]) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-            + ["| " + " | ".join(cells) + " |" for cells in body])
-
-
 def _inverse(value: float | None) -> float | None:
     return 1 / value if value else None
 
 
 def _meta_lines(meta: dict[str, Any]) -> list[str]:
     shape = meta["shape"]
+    timer = "process CPU" if meta["timer"] == "cpu" else "wall-clock"
     lines = [f"Llama (hidden {shape['hidden']}, {shape['layers']} layers, {shape['heads']} heads / {shape['kv_heads']} "
              f"KV heads, intermediate {shape['intermediate']}, vocab {shape['vocab']}, tied embeddings; "
              f"{meta['total_params']:,} params), {meta['task']}, batch {meta['batch_size']} x {meta['seq_len']} "
-             f"tokens, {meta['dtype']} on {meta['device_name']}, {meta['torch_threads']} torch thread(s); step time = median "
-             f"{'process CPU' if meta['timer'] == 'cpu' else 'wall-clock'} seconds of {meta['repeats']} steps after "
-             f"{meta['warmup']} warm-up rounds; torch {meta['torch']}, transformers {meta['transformers']}, "
-             f"peft {meta['peft']}, {meta['date']}"]
+             f"tokens, {meta['dtype']} on {meta['device_name']}, {meta['torch_threads']} torch thread(s); step time = "
+             f"median {timer} seconds of {meta['repeats']} steps after {meta['warmup']} warm-up rounds; "
+             f"torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}, {meta['date']}"]
     if meta.get("peak_memory_kind"):
         baselines = meta.get("process_baseline_bytes") or []
         lines.append(f"peak = {meta['peak_memory_kind']}, each method in its own process over {meta['peak_steps']} "
                      "training steps after its setup" + (
                          f" (process baselines, the interpreter and libraries before the model: "
                          f"{min(baselines) / MB:,.0f}-{max(baselines) / MB:,.0f} MB)" if any(baselines) else ""))
-    if meta.get("loadavg_before") is not None:
-        lines.append(f"(1-minute load average {meta['loadavg_before'][0]:.2f} before, "
-                     f"{meta['loadavg_after'][0]:.2f} after the run)")
-    return lines + [""]
+    return lines + load_average_line(meta) + [""]
 
 
 def to_markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]] | None = None,
@@ -500,20 +495,20 @@ def to_markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]] | None 
     header = ["method", "trainable", "k", "GFLOPs fwd+bwd", "× floor", "saved MB", "× floor", "grad MB",
               "opt state MB", "peak MB", "× full", "× lora", "step s", "× floor", "× full", "× lora"]
     body = [[row["method"], f"{row['trainable_params']:,}", "–" if row["k"] is None else str(row["k"]),
-             _fmt(row["flops"], 1, 1e9), _fmt_ratio(row.get("flops_vs_floor")), _fmt(row["saved_bytes"], 1, MB),
-             _fmt_ratio(row.get("saved_vs_floor")), _fmt(row["grad_bytes"], 2, MB),
-             _fmt(row["optimizer_state_bytes"], 2, MB), _fmt(row["peak_memory_bytes"], 0, MB),
-             _fmt_ratio(row.get("peak_vs_full")), _fmt_ratio(row.get("peak_vs_lora")), _fmt(row["step_time_s"], 3),
-             _fmt_ratio(row.get("time_vs_floor")), _fmt_ratio(row.get("time_vs_full")),
-             _fmt_ratio(row.get("time_vs_lora"))] for row in rows]
-    lines += _table(header, body)
+             fmt(row["flops"], 1, 1e9), fmt_ratio(row.get("flops_vs_floor")), fmt(row["saved_bytes"], 1, MB),
+             fmt_ratio(row.get("saved_vs_floor")), fmt(row["grad_bytes"], 2, MB),
+             fmt(row["optimizer_state_bytes"], 2, MB), fmt(row["peak_memory_bytes"], 0, MB),
+             fmt_ratio(row.get("peak_vs_full")), fmt_ratio(row.get("peak_vs_lora")), fmt(row["step_time_s"], 3),
+             fmt_ratio(row.get("time_vs_floor")), fmt_ratio(row.get("time_vs_full")),
+             fmt_ratio(row.get("time_vs_lora"))] for row in rows]
+    lines += markdown_table(header, body)
     lines += step_detail_markdown(rows)
     lines += ["", "In the peers' terms (S2FT: full / method; PaCA: method / LoRA):", ""]
-    lines += _table(["method", "full / method, peak memory", "full / method, step time", "method / lora, peak memory",
-                     "method / lora, step time"],
-                    [[row["method"], _fmt_ratio(_inverse(row.get("peak_vs_full"))),
-                      _fmt_ratio(_inverse(row.get("time_vs_full"))), _fmt_ratio(row.get("peak_vs_lora")),
-                      _fmt_ratio(row.get("time_vs_lora"))] for row in rows])
+    lines += markdown_table(["method", "full / method, peak memory", "full / method, step time",
+                             "method / lora, peak memory", "method / lora, step time"],
+                            [[row["method"], fmt_ratio(_inverse(row.get("peak_vs_full"))),
+                              fmt_ratio(_inverse(row.get("time_vs_full"))), fmt_ratio(row.get("peak_vs_lora")),
+                              fmt_ratio(row.get("time_vs_lora"))] for row in rows])
     if checks:
         lines += targets_markdown(checks)
     return "\n".join(lines) + "\n"
@@ -525,7 +520,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     workload = workload_from_args(args)
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     rows = measure(workload, args.methods, repeats=args.repeats, warmup=args.warmup, timer=args.timer,
                    threads=args.threads, peak_steps=args.peak_steps, profile=args.profile, progress=not args.quiet)
     checks = check_targets(rows)
@@ -533,7 +528,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta = {
         "shape": dataclasses.asdict(workload.shape), "task": workload.task, "batch_size": workload.batch_size,
         "seq_len": workload.seq_len, "num_classes": workload.num_classes, "dtype": workload.dtype,
-        "device": workload.device, "device_name": _device_name(torch.device(workload.device)),
+        "device": workload.device, "device_name": device_name(torch.device(workload.device)),
         "lora_rank": workload.lora_rank, "seed": workload.seed, "total_params": rows[0]["total_params"],
         "repeats": args.repeats, "warmup": args.warmup, "timer": args.timer,
         "torch_threads": args.threads or torch.get_num_threads(), "peak_steps": args.peak_steps,
@@ -541,19 +536,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "process_baseline_bytes": [row["process_baseline_bytes"] for row in measured_peaks],
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "command": "python " + " ".join(sys.argv),
+        "loadavg_before": load_before, "loadavg_after": load_average(),
+        "command": command_line(),
         "flop_counter": "torch.utils.flop_counter (matmul/attention only; optimizer and elementwise ops are not "
                         "counted)",
     }
-    report = {"meta": meta, "methods": rows, "targets": checks}
-    markdown = to_markdown(rows, checks, meta)
-    print(markdown)
-    for path, text in ((args.out, json.dumps(report, indent=2) + "\n"), (args.markdown, markdown)):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text, encoding="utf-8")
-    return report
+    return publish(meta, rows, checks, to_markdown(rows, checks, meta), args.out, args.markdown)
 
 
 # --------------------------------------------------------------------------------------------- command line
@@ -586,26 +574,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=2, help="classes of --task classify")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype of the model's tensors (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per method (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")
     parser.add_argument("--peak-steps", type=int, default=2,
                         help="training steps of each method's own process for its peak memory (0: skip)")
-    parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
-                        help="time steps in wall-clock seconds, or in process CPU seconds (robust to other work on "
-                             "the machine with --threads 1)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads for the run and every method's process (default: torch's)")
-    parser.add_argument("--profile", action="store_true",
-                        help="one extra profiled step per method: time by operator category")
-    parser.add_argument("--out", default=None, help="JSON report path")
-    parser.add_argument("--markdown", default=None, help="also write the markdown to this path")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
+    add_step_cost_arguments(parser, METHODS)
     parser.add_argument("--peak-memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.dtype is None:

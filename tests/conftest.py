@@ -1,7 +1,7 @@
 """Shared fixtures: tiny models of every architecture family the core must support; the torchrun and resume checks."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import socket
@@ -62,18 +62,16 @@ TINY_MODELS = {
 
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+# on the path as when a script in benchmarks/ runs (its folder comes first): the scripts import their shared
+# modules (benchkit, transfer_bench) by name, and so do the worker processes they start
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as a module (loaded once; ``grft_bench_<name>`` in ``sys.modules``, because
-    dataclasses resolve their module by name)."""
-    module_name = f"grft_bench_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
+    """``benchmarks/<name>.py`` (or a package there, or a module of one: ``transfer_bench.jobs``), imported by
+    name as the scripts import it."""
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="module")

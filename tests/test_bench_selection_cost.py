@@ -1,10 +1,7 @@
 """The selection-cost benchmark runs and reports consistent figures (not speeds) on a tiny ViT."""
-import sys
-from pathlib import Path
+from conftest import load_benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import selection_cost  # noqa: E402
+selection_cost = load_benchmark("selection_cost")
 
 
 def test_selection_cost_figures_on_a_tiny_vit():

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import statistics
+
 import pytest
+import torch
 
 from conftest import load_benchmark
 
@@ -152,6 +154,33 @@ def test_script_entry_point_writes_json(tmp_path, capsys):
     assert [row["method"] for row in data["methods"]] == ["floor", "full", "grft-col"]
     assert data["meta"]["model"] == "vit_tiny_patch16_224" and data["targets"] == report["targets"]
     assert "| grft-col |" in md.read_text() and "| grft-col |" in capsys.readouterr().out
+
+
+def test_a_new_method_is_one_registration():
+    """A method registered from outside is a --methods choice and a measured row; a name registers once."""
+    benchkit_step = load_benchmark("benchkit.step")
+
+    @step_cost.METHODS.register("test-last-block", description="the last block and the head (test)")
+    def setup_last_block(model, context):
+        model.requires_grad_(False)
+        for module in (model.blocks[-1], model.head):
+            module.requires_grad_(True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return benchkit_step.Setup(model, torch.optim.Adam(params, lr=context.lr), sum(p.numel() for p in params))
+
+    try:
+        assert step_cost.parse_args(["--device", "cpu"]).methods[-1] == "test-last-block"
+        rows = step_cost.measure("vit_tiny_patch16_224", **{**TINY, "repeats": 1, "warmup": 0},
+                                 methods=["floor", "test-last-block"])
+        with pytest.raises(ValueError, match="already registered"):
+            step_cost.METHODS.register("test-last-block", description="again")(setup_last_block)
+    finally:
+        step_cost.METHODS.unregister("test-last-block")
+    row = rows[1]
+    assert row["method"] == "test-last-block" and row["description"] == "the last block and the head (test)"
+    assert row["trainable_params"] == row["requires_grad_params"] == 12 * 192 ** 2 + 13 * 192 + 192 * 5 + 5
+    assert row["grad_bytes"] == 4 * row["trainable_params"] and row["file_bytes"] is None
+    assert "test-last-block" not in step_cost.METHODS and "test-last-block" not in step_cost.parse_args([]).methods
 
 
 def test_unknown_method_is_an_error():

@@ -1,31 +1,27 @@
-"""benchmarks/transfer.py: the offline pre-train -> fine-tune pipeline runs end to end in --quick mode and
-writes a sane table, plot and JSON (this checks the pipeline, never the accuracies)."""
+"""benchmarks/transfer.py (the package benchmarks/transfer_bench/): the offline pre-train -> fine-tune
+pipeline runs end to end in --quick mode and writes a sane table, plot and JSON (this checks the pipeline,
+never the accuracies)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import load_benchmark
+from grft_vision.tuner.targets import find_target_layers
 
-
-def _load(name: str):
-    if name not in sys.modules:
-        sys.path.insert(0, str(_DIR))
-        spec = importlib.util.spec_from_file_location(name, _DIR / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-transfer_data = _load("transfer_data")
-transfer = _load("transfer")
+transfer = load_benchmark("transfer")  # the entry script; its package is imported by name, as its workers do
+transfer_data = load_benchmark("transfer_bench.data")
+jobs = load_benchmark("transfer_bench.jobs")
+methods = load_benchmark("transfer_bench.methods")
+vit = load_benchmark("transfer_bench.model")
+pretraining = load_benchmark("transfer_bench.pretrain")
+presets = load_benchmark("transfer_bench.settings")
+width_sweep = load_benchmark("transfer_bench.sweep")
+sweep_statistics = load_benchmark("transfer_bench.sweep_statistics")
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +40,8 @@ def test_quick_writes_table_plot_and_json_without_the_cache(quick):
     png = (out / "accuracy_vs_trainable.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     table = (out / "table.md").read_text()
-    for method in transfer.DEFAULT_METHODS:
-        assert f"| {transfer.METHODS[method].label} |" in table
+    for method in methods.DEFAULT_METHODS:
+        assert f"| {methods.METHODS[method].label} |" in table
     assert "± " in table and "paired difference" in table and "selection record" in table
     timing = results["timing"]
     assert timing["pretrain_seconds"] > 0 and timing["finetune_seconds"] > 0 and timing["total_seconds"] > 0
@@ -61,11 +57,11 @@ def beyond(tmp_path_factory):
 
 
 def test_beyond_suite_runs_every_score_budget_and_schedule_at_grfts_budget(beyond):
-    assert list(beyond["methods"]) == list(transfer.SUITES["beyond"])
+    assert list(beyond["methods"]) == list(methods.SUITES["beyond"])
     by = {(r["target"], r["method"]): r for r in beyond["runs"]}
-    for target in transfer.QUICK.targets:
+    for target in presets.QUICK.targets:
         row_k1 = by[(target, "grft-row-k1")]["trainable"]
-        for method in transfer.SUITES["beyond"]:
+        for method in methods.SUITES["beyond"]:
             run = by[(target, method)]
             assert 0.0 <= run["top1"] <= 1.0
             assert run["info"]["report_trainable"] == run["trainable"]
@@ -85,9 +81,9 @@ def test_beyond_suite_runs_every_score_budget_and_schedule_at_grfts_budget(beyon
 
 def test_every_job_ran_with_sane_values(quick):
     _, _, results = quick
-    settings = transfer.QUICK
+    settings = presets.QUICK
     runs = results["runs"]
-    assert len(runs) == len(settings.targets) * len(transfer.DEFAULT_METHODS) * len(settings.seeds)
+    assert len(runs) == len(settings.targets) * len(methods.DEFAULT_METHODS) * len(settings.seeds)
     keys = {(r["target"], r["method"], r["seed"]) for r in runs}
     assert len(keys) == len(runs)
     for run in runs:
@@ -99,7 +95,7 @@ def test_every_job_ran_with_sane_values(quick):
     by = {(r["target"], r["method"], r["seed"]): r for r in runs}
     for target in settings.targets:
         seed = settings.seeds[0]
-        count = {m: by[(target, m, seed)]["trainable"] for m in transfer.DEFAULT_METHODS}
+        count = {m: by[(target, m, seed)]["trainable"] for m in methods.DEFAULT_METHODS}
         assert count["full"] == by[(target, "full", seed)]["total"]
         assert count["linear"] == by[(target, "linear", seed)]["head_params"]
         assert count["linear"] < count["bias"] < count["grft-row-k1"] < count["grft-row-k2"] < count["full"]
@@ -111,7 +107,7 @@ def test_every_job_ran_with_sane_values(quick):
         lora = results["lora"]
         assert by[(target, "lora", seed)]["info"]["lora_rank"] == lora["rank"] >= 1
         assert count["lora"] - by[(target, "lora", seed)]["head_params"] == (
-            lora["lora_trainable"] - 10 * (transfer.QUICK.embed_dim + 1))
+            lora["lora_trainable"] - 10 * (presets.QUICK.embed_dim + 1))
     assert results["lora"]["lora_trainable"] == pytest.approx(results["lora"]["grft_row_k1_trainable"], rel=0.35)
 
 
@@ -120,7 +116,7 @@ def test_selection_record_orders_gradient_random_lowest(quick):
     for run in results["runs"]:
         info = run["info"]
         if run["method"] == "grft-row-k1-n4":
-            assert len(info["subset_losses"]) == transfer.QUICK.num_subsets
+            assert len(info["subset_losses"]) == presets.QUICK.num_subsets
         if run["method"] in ("grft-row-k1", "random-row-k1", "lowest-row-k1"):
             assert 0.0 <= info["chosen_share_mean"] <= 1.0
     selection = results["summary"]["selection"]
@@ -129,53 +125,53 @@ def test_selection_record_orders_gradient_random_lowest(quick):
     assert selection["random-row-k1"]["chosen_share"] >= selection["lowest-row-k1"]["chosen_share"]
     assert selection["grft-row-k1"]["chosen_share"] > selection["grft-row-k1"]["uniform_share"]
     paired = results["summary"]["paired"]["grft-row-k1 - random-row-k1"]
-    assert paired["pairs"] == len(transfer.QUICK.targets) * len(transfer.QUICK.seeds)
+    assert paired["pairs"] == len(presets.QUICK.targets) * len(presets.QUICK.seeds)
     means = results["summary"]["methods"]["grft-row-k1"]["mean"]
     assert means is not None and 0.0 <= means[0] <= 100.0
 
 
 def test_registry_accepts_a_new_method():
-    settings = transfer.QUICK
+    settings = presets.QUICK
     data = transfer_data.make_target("count", 24, 8, seed=0, size=settings.img_size)
     torch.manual_seed(0)
-    state = transfer.build_vit(settings, transfer_data.source_num_classes()).state_dict()
+    state = vit.build_vit(settings, transfer_data.source_num_classes()).state_dict()
 
-    @transfer.register("test-last-block", "Last block only (test)", "grft", "other", cost=0.1)
+    @methods.METHODS.register("test-last-block", label="Last block only (test)", family="grft", group="other",
+                              cost=0.1)
     def prepare(model, ctx):
         model.requires_grad_(False)
         model.blocks[-1].requires_grad_(True)
         model.head.requires_grad_(True)
-        return transfer.Prepared(model, [p for p in model.parameters() if p.requires_grad], info={"note": "x"})
+        return methods.Prepared(model, [p for p in model.parameters() if p.requires_grad], info={"note": "x"})
 
     try:
-        result = transfer.finetune(transfer.Job("count", "test-last-block", 0, 1e-3, 0.0), settings, state, data, 1)
+        result = jobs.finetune(jobs.Job("count", "test-last-block", 0, 1e-3, 0.0), settings, state, data, 1)
     finally:
-        del transfer.METHODS["test-last-block"]
+        methods.METHODS.unregister("test-last-block")
     assert result["info"] == {"note": "x"} and 0.0 <= result["top1"] <= 1.0 and result["test_images"] == 8
-    assert result["trainable"] == sum(p.numel() for p in transfer.build_vit(settings, 6).blocks[-1].parameters()) + (
+    assert result["trainable"] == sum(p.numel() for p in vit.build_vit(settings, 6).blocks[-1].parameters()) + (
         6 * (settings.embed_dim + 1))
 
 
 def test_a_salience_method_is_one_registration():
     """Another importance measure plugs in as a GRFT-family row: top-k of its scores, wrapped and trained."""
-    settings = transfer.QUICK
+    settings = presets.QUICK
     data = transfer_data.make_target("digits", 24, 8, seed=0, size=settings.img_size)
     torch.manual_seed(0)
-    state = transfer.build_vit(settings, transfer_data.source_num_classes()).state_dict()
+    state = vit.build_vit(settings, transfer_data.source_num_classes()).state_dict()
     seen = []
 
     def magnitude(model, ctx, config):  # |W|: a data-free salience
         seen.append(config.structure)
         return {f"{name}.weight": layer.weight.detach().abs()
-                for name, layer in transfer.find_target_layers(model, config).items()}
+                for name, layer in find_target_layers(model, config).items()}
 
-    transfer.register("test-magnitude-row-k1", "Magnitude rows k=1 (test)", "grft", "other")(
-        transfer.grft_method("row", 1, chooser=magnitude))
+    methods.METHODS.register("test-magnitude-row-k1", label="Magnitude rows k=1 (test)", family="grft",
+                             group="other")(methods.grft_method("row", 1, chooser=magnitude))
     try:
-        result = transfer.finetune(transfer.Job("digits", "test-magnitude-row-k1", 0, 1e-2, 1e-4), settings, state,
-                                   data, 1)
+        result = jobs.finetune(jobs.Job("digits", "test-magnitude-row-k1", 0, 1e-2, 1e-4), settings, state, data, 1)
     finally:
-        del transfer.METHODS["test-magnitude-row-k1"]
+        methods.METHODS.unregister("test-magnitude-row-k1")
     assert seen == ["row"] and 0.0 <= result["top1"] <= 1.0
     assert result["info"]["report_trainable"] == result["trainable"]
     assert 0.0 <= result["info"]["chosen_share_mean"] <= 1.0  # the share of the SupCon scores it picked
@@ -184,15 +180,15 @@ def test_a_salience_method_is_one_registration():
 def test_pretrain_cache_is_keyed_by_settings(tmp_path):
     import dataclasses
 
-    tiny = dataclasses.replace(transfer.QUICK, source_images=32, source_val_images=16, pretrain_batch_size=16)
-    state, info = transfer.pretrain(tiny, tmp_path, log=lambda _: None)
+    tiny = dataclasses.replace(presets.QUICK, source_images=32, source_val_images=16, pretrain_batch_size=16)
+    state, info = pretraining.pretrain(tiny, tmp_path, log=lambda _: None)
     assert info["from_cache"] is False and len(list(tmp_path.glob("vit-*.pt"))) == 1
-    again, info2 = transfer.pretrain(tiny, tmp_path, log=lambda _: None)
+    again, info2 = pretraining.pretrain(tiny, tmp_path, log=lambda _: None)
     assert info2["from_cache"] is True and info2["seconds"] == pytest.approx(info["seconds"])
     assert all(torch.equal(state[k], again[k]) for k in state)
-    assert info["sha256"] == info2["sha256"] == transfer.state_sha256(state)  # the weights' identity, recomputed
+    assert info["sha256"] == info2["sha256"] == pretraining.state_sha256(state)  # the weights' identity, recomputed
     again["cls_token"] = again["cls_token"] + 1e-6
-    assert transfer.state_sha256(again) != info["sha256"]
+    assert pretraining.state_sha256(again) != info["sha256"]
     other = dataclasses.replace(tiny, pretrain_seed=1)
     assert other.pretrain_key() != tiny.pretrain_key()
 
@@ -200,11 +196,11 @@ def test_pretrain_cache_is_keyed_by_settings(tmp_path):
 def test_data_parallel_pretraining_in_two_processes(tmp_path):
     import dataclasses
 
-    tiny = dataclasses.replace(transfer.QUICK, source_images=64, source_val_images=16, pretrain_batch_size=16)
-    state, info = transfer.pretrain(tiny, None, log=lambda _: None, workers=2, log_file=tmp_path / "log.txt")
+    tiny = dataclasses.replace(presets.QUICK, source_images=64, source_val_images=16, pretrain_batch_size=16)
+    state, info = pretraining.pretrain(tiny, None, log=lambda _: None, workers=2, log_file=tmp_path / "log.txt")
     assert info["workers"] == 2 and info["steps"] == 64 // 16 and info["batch_size"] == 16
     assert "pre-training epoch 1/1" in (tmp_path / "log.txt").read_text()
-    model = transfer.load_backbone(transfer.build_vit(tiny, 3), state)
+    model = vit.load_backbone(vit.build_vit(tiny, 3), state)
     assert model(torch.zeros(1, 3, tiny.img_size, tiny.img_size)).shape == (1, 3)
     assert tiny.pretrain_key(2) != tiny.pretrain_key(1)
 
@@ -225,10 +221,10 @@ def test_target_data_is_few_shot_balanced_and_reproducible():
 
 def test_random_rows_are_drawn_per_target_and_per_seed(quick):
     _, _, results = quick
-    first = transfer.random_generator("count", 0).initial_seed()
-    assert first == transfer.random_generator("count", 0).initial_seed()  # reproducible
-    assert len({first, transfer.random_generator("digits", 0).initial_seed(),
-                transfer.random_generator("count", 1).initial_seed()}) == 3
+    first = methods.random_generator("count", 0).initial_seed()
+    assert first == methods.random_generator("count", 0).initial_seed()  # reproducible
+    assert len({first, methods.random_generator("digits", 0).initial_seed(),
+                methods.random_generator("count", 1).initial_seed()}) == 3
     random_rows = results["summary"]["selection"]["random-row-k1"]
     # one row of 32-96 per layer: independent draws rarely coincide (the old control gave 1.0 across targets)
     assert random_rows["jaccard_across_targets"] < 0.5 and random_rows["jaccard_across_seeds"] < 0.5
@@ -243,17 +239,17 @@ def test_device_without_cuda_is_a_clear_error(tmp_path):
 
 # ------------------------------------------------------------------------------------------ width sweep
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep_run(tmp_path_factory):
     """The --quick width sweep (2 widths x 2 pre-training seeds) through the command line, one worker."""
     out = tmp_path_factory.mktemp("sweep")
     assert transfer.main(["--sweep", "--quick", "--out", str(out), "--workers", "1", "--quiet"]) == 0
     return out, json.loads((out / "sweep.json").read_text())
 
 
-def test_quick_sweep_runs_every_width_checkpoint_and_method(sweep):
-    out, results = sweep
-    spec = transfer.QUICK_SWEEP
-    assert list(results["checkpoints"]) == [transfer.checkpoint_name(w, s) for w in spec.widths
+def test_quick_sweep_runs_every_width_checkpoint_and_method(sweep_run):
+    out, results = sweep_run
+    spec = width_sweep.QUICK_SWEEP
+    assert list(results["checkpoints"]) == [width_sweep.checkpoint_name(w, s) for w in spec.widths
                                             for s in spec.pretrain_seeds]
     assert results["code"]["commit"] and len(results["code"]["commit"]) == 40
     assert "--sweep" in results["command"] and results["sweep"]["widths"] == list(spec.widths)
@@ -268,32 +264,32 @@ def test_quick_sweep_runs_every_width_checkpoint_and_method(sweep):
         assert len(hashes) == len(checkpoints) and all(len(h) == 64 for h in hashes)  # one checkpoint per seed
         for ckpt in checkpoints.values():
             assert 0.0 <= ckpt["source_val_top1"] <= 100.0
-            assert set(ckpt["methods"]) == set(transfer.SWEEP_METHODS)
+            assert set(ckpt["methods"]) == set(sweep_statistics.SWEEP_METHODS)
         for pair in summary["pairs"]:
             pooled = entry["pooled"]["paired"][pair]
             parts = [c["paired"][pair] for c in checkpoints.values()]
-            assert pooled["units"] == sum(p["units"] for p in parts) == 2 * len(transfer.QUICK.seeds)
+            assert pooled["units"] == sum(p["units"] for p in parts) == 2 * len(presets.QUICK.seeds)
             for key in ("wins", "ties", "losses", "pairs"):
                 assert pooled[key] == sum(p[key] for p in parts)
             assert pooled["mean"] == pytest.approx(np.mean([p["mean"] for p in parts]))  # equal units per checkpoint
             assert pooled["ci95"][0] <= pooled["mean"] <= pooled["ci95"][1]
     table = (out / "sweep.md").read_text()
-    assert table == transfer.sweep_markdown(summary) and "**pooled**" in table
+    assert table == sweep_statistics.sweep_markdown(summary) and "**pooled**" in table
 
 
-def test_sweep_summary_is_recomputed_from_the_per_job_results(sweep):
-    out, results = sweep
-    stored, runs = transfer.load_sweep(out)
+def test_sweep_summary_is_recomputed_from_the_per_job_results(sweep_run):
+    out, results = sweep_run
+    stored, runs = width_sweep.load_sweep(out)
     assert stored == results
-    assert json.loads(json.dumps(transfer.summarise_sweep(runs))) == results["summary"]
+    assert json.loads(json.dumps(sweep_statistics.summarise_sweep(runs))) == results["summary"]
     for name, run in runs.items():  # every checkpoint's file holds its raw jobs, code version and hash
         assert len(run["runs"]) == len(run["settings"]["targets"]) * len(run["methods"]) * len(run["settings"]["seeds"])
         assert run["pretrain"]["sha256"] == results["summary"]["widths"][str(run["settings"]["embed_dim"])][
             "checkpoints"][name]["sha256"]
 
 
-def test_an_interrupted_sweep_resumes_without_rerunning(sweep):
-    out, results = sweep
+def test_an_interrupted_sweep_resumes_without_rerunning(sweep_run):
+    out, results = sweep_run
     assert transfer.main(["--sweep", "--quick", "--out", str(out), "--workers", "1", "--quiet"]) == 0
     again = json.loads((out / "sweep.json").read_text())
     assert again["timing"]["resumed"] == list(results["checkpoints"])
@@ -314,31 +310,32 @@ def test_paired_difference_is_over_checkpoint_seed_units_with_a_t_interval():
     for seed, (ga, gb) in gaps.items():
         top1.update({("x", "a", seed): 0.5 + ga, ("y", "a", seed): 0.5, ("x", "b", seed): 0.6 + gb,
                      ("y", "b", seed): 0.6})
-    one = transfer.paired_difference([_fake_results(top1)], "x", "y")
+    one = sweep_statistics.paired_difference([_fake_results(top1)], "x", "y")
     units = [100 * (ga + gb) / 2 for ga, gb in gaps.values()]  # 3, -0.5, 3 points
     assert one["mean"] == pytest.approx(np.mean(units)) and one["units"] == 3
     half = stats.t.ppf(0.975, 2) * np.std(units, ddof=1) / np.sqrt(3)
     assert one["ci95"] == pytest.approx([np.mean(units) - half, np.mean(units) + half])
     assert (one["wins"], one["ties"], one["losses"], one["pairs"]) == (4, 1, 1, 6)
-    pooled = transfer.paired_difference([_fake_results(top1), _fake_results(top1)], "x", "y")
+    pooled = sweep_statistics.paired_difference([_fake_results(top1), _fake_results(top1)], "x", "y")
     assert pooled["units"] == 6 and pooled["pairs"] == 12 and pooled["mean"] == pytest.approx(one["mean"])
     assert pooled["ci95"][1] - pooled["ci95"][0] < one["ci95"][1] - one["ci95"][0]
-    assert transfer.paired_difference([_fake_results(top1)], "x", "missing") is None
+    assert sweep_statistics.paired_difference([_fake_results(top1)], "x", "missing") is None
     partial = {k: v for k, v in top1.items() if k != ("x", "b", 2)}  # seed 2 lacks a target: not a unit
-    assert transfer.paired_difference([_fake_results(partial)], "x", "y")["units"] == 2
+    assert sweep_statistics.paired_difference([_fake_results(partial)], "x", "y")["units"] == 2
 
 
 def test_sweep_settings_scale_heads_and_apply_width_overrides():
-    spec = transfer.Sweep(widths=(64, 128), per_width={128: {"pretrain_epochs": 3, "methods": ("linear",)}},
-                          overrides={"seeds": (0,)})
-    narrow, wide = spec.settings_at(transfer.FULL, 64, 1), spec.settings_at(transfer.FULL, 128, 0)
+    spec = width_sweep.Sweep(widths=(64, 128), per_width={128: {"pretrain_epochs": 3, "methods": ("linear",)}},
+                             overrides={"seeds": (0,)})
+    narrow, wide = spec.settings_at(presets.FULL, 64, 1), spec.settings_at(presets.FULL, 128, 0)
     assert (narrow.embed_dim, narrow.num_heads, narrow.pretrain_seed, narrow.seeds) == (64, 4, 1, (0,))
-    assert narrow.pretrain_epochs == transfer.FULL.pretrain_epochs and narrow.methods == transfer.SWEEP_METHODS
+    assert narrow.pretrain_epochs == presets.FULL.pretrain_epochs
+    assert narrow.methods == sweep_statistics.SWEEP_METHODS
     assert (wide.num_heads, wide.pretrain_epochs, wide.methods) == (8, 3, ("linear",))
-    assert narrow.pretrain_lr == transfer.FULL.pretrain_lr and wide.pretrain_lr == transfer.FULL.pretrain_lr / 2
-    assert narrow.pretrain_key() != spec.settings_at(transfer.FULL, 64, 0).pretrain_key()
+    assert narrow.pretrain_lr == presets.FULL.pretrain_lr and wide.pretrain_lr == presets.FULL.pretrain_lr / 2
+    assert narrow.pretrain_key() != spec.settings_at(presets.FULL, 64, 0).pretrain_key()
     with pytest.raises(ValueError, match="width 72 is not a positive multiple of the head width 16"):
-        spec.settings_at(transfer.FULL, 72, 0)
+        spec.settings_at(presets.FULL, 72, 0)
     with pytest.raises(SystemExit, match="add --sweep"):
         transfer.main(["--quick", "--widths", "64"])
 
@@ -351,9 +348,9 @@ TABLE_START, TABLE_END = "<!-- width-sweep table: start -->", "<!-- width-sweep 
 
 def test_results_md_sweep_table_is_what_the_committed_json_gives():
     """docs/results.md's sweep tables, recomputed from the committed per-job results (the sweep is not run)."""
-    stored, runs = transfer.load_sweep(SWEEP_DIR)
-    table = transfer.sweep_markdown(transfer.summarise_sweep(runs))
-    assert table == transfer.sweep_markdown(stored["summary"]) == (SWEEP_DIR / "sweep.md").read_text()
+    stored, runs = width_sweep.load_sweep(SWEEP_DIR)
+    table = sweep_statistics.sweep_markdown(sweep_statistics.summarise_sweep(runs))
+    assert table == sweep_statistics.sweep_markdown(stored["summary"]) == (SWEEP_DIR / "sweep.md").read_text()
     doc = (_ROOT / "docs" / "results.md").read_text()
     assert doc.count(TABLE_START) == 1 and doc.count(TABLE_END) == 1
     assert doc.split(TABLE_START)[1].split(TABLE_END)[0].strip() == table.strip()

@@ -1,0 +1,115 @@
+"""The command line of ``benchmarks/transfer.py``: the benchmark, ``--tune``, ``--sweep``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .data import TARGETS
+from .methods import METHODS, SUITES
+from .orchestration import run_benchmark, tune
+from .provenance import command_line
+from .report import to_markdown
+from .settings import DEFAULT_LR, DEFAULT_REG_LAMBDA, FULL, QUICK, Settings
+from .sweep import QUICK_SWEEP, SWEEP, run_sweep
+from .sweep_statistics import sweep_markdown
+
+__all__ = ["parse_args", "settings_from_args", "main"]
+
+DESCRIPTION = ("Transfer benchmark, offline: pre-train a small timm ViT on a procedural many-class source task, "
+               "then fine-tune it on few-shot targets with every method at matched budgets, and report accuracy vs "
+               "trainable %.")
+
+
+def _parse_lr(values: list[str]) -> dict[str, float]:
+    parsed = {}
+    for text in values:
+        family, _, value = text.partition("=")
+        if family not in DEFAULT_LR or not value:
+            raise SystemExit(f"--lr expects FAMILY=VALUE with FAMILY in {sorted(DEFAULT_LR)}, got {text!r}")
+        parsed[family] = float(value)
+    return parsed
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed flags; ``SystemExit`` for a device torch does not see or flags of another mode."""
+    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny settings, no cache: a pipeline check")
+    parser.add_argument("--tune", action="store_true", help="choose learning rates and lambda on validation splits")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the width sweep: the benchmark at every width and pre-training seed (--widths, "
+                             "--pretrain-seeds), with the sweep's methods unless --methods")
+    parser.add_argument("--widths", nargs="+", type=int, default=None,
+                        help=f"sweep widths (default {' '.join(map(str, SWEEP.widths))}; "
+                             f"heads = width / {SWEEP.head_dim})")
+    parser.add_argument("--pretrain-seeds", nargs="+", type=int, default=None,
+                        help=f"sweep: one checkpoint per seed (default {' '.join(map(str, SWEEP.pretrain_seeds))})")
+    parser.add_argument("--device", default="cpu", help="where to pre-train and fine-tune: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--out", type=Path, default=Path("runs/transfer"), help="output directory")
+    parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/grft_vision/transfer").expanduser(),
+                        help="where the pre-trained checkpoint is cached")
+    parser.add_argument("--no-cache", action="store_true", help="pre-train again and do not cache")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="fine-tuning processes (one thread each); 1 = in this process")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="paper",
+                        help="the methods to run: 'paper' (GRFT, baselines, controls, ablations) or 'beyond' "
+                             "(the SPEFT / ID3 / GEM scores, budgets and schedules, with GRFT and random rows)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help=f"instead of a suite, any of: {' '.join(METHODS)}")
+    parser.add_argument("--targets", nargs="+", default=None, help=f"subset of: {' '.join(TARGETS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning cosine epochs (after warm-up)")
+    parser.add_argument("--lr", action="append", default=[], metavar="FAMILY=VALUE",
+                        help="override a family's learning rate (head, full, grft, lora)")
+    parser.add_argument("--reg-lambda", type=float, default=DEFAULT_REG_LAMBDA, help="GRFT's L2 lambda")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        raise SystemExit(f"--device {args.device}: torch sees no such device (CUDA available: "
+                         f"{torch.cuda.is_available()}); use --device cpu or run on a GPU machine")
+    if args.sweep and args.tune:
+        raise SystemExit("--sweep and --tune are separate runs; pick one")
+    if not args.sweep and (args.widths or args.pretrain_seeds):
+        raise SystemExit("--widths and --pretrain-seeds belong to the width sweep; add --sweep")
+    return args
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """:data:`QUICK` or :data:`FULL` with the device, methods (or suite), targets, seeds and epochs of ``args``."""
+    overrides: dict[str, Any] = {"device": args.device}
+    overrides["methods"] = tuple(args.methods) if args.methods else SUITES[args.suite]
+    if args.targets:
+        overrides["targets"] = tuple(args.targets)
+    if args.seeds:
+        overrides["seeds"] = tuple(args.seeds)
+    if args.epochs:
+        overrides["epochs"] = args.epochs
+    return dataclasses.replace(QUICK if args.quick else FULL, **overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark, ``--tune`` or ``--sweep`` as the flags say; the exit status (0)."""
+    args = parse_args(argv)
+    settings = settings_from_args(args)
+    cache_dir = None if (args.no_cache or args.quick) else args.cache_dir
+    if args.sweep:
+        sweep = QUICK_SWEEP if args.quick else SWEEP
+        sweep = dataclasses.replace(sweep, widths=tuple(args.widths or sweep.widths),
+                                    pretrain_seeds=tuple(args.pretrain_seeds or sweep.pretrain_seeds),
+                                    methods=tuple(args.methods or sweep.methods))
+        results = run_sweep(sweep, settings, args.out, cache_dir, args.workers, _parse_lr(args.lr), args.reg_lambda,
+                            args.quiet, command_line(argv))
+        if not args.quiet:
+            print(sweep_markdown(results["summary"]))
+    elif args.tune:
+        tune(settings, args.out, cache_dir, args.workers, args.quiet)
+    else:
+        results = run_benchmark(settings, args.out, cache_dir, args.workers, _parse_lr(args.lr), args.reg_lambda,
+                                args.quiet, command=command_line(argv))
+        if not args.quiet:
+            print(to_markdown(results))
+    return 0

@@ -1,0 +1,136 @@
+"""A whole benchmark run (:func:`run_benchmark`: pre-train, fine-tune every job, report) and the choice of
+the learning rates and lambda on validation splits (:func:`tune`)."""
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import TargetData, make_target
+from .jobs import Job, run_jobs
+from .log import line_logger
+from .methods import DEFAULT_METHODS, METHODS, choose_lora_rank
+from .plots import plot
+from .pretrain import pretrain
+from .provenance import code_version, command_line, machine
+from .report import summarise, to_markdown
+from .settings import DEFAULT_LR, DEFAULT_REG_LAMBDA, Settings
+
+__all__ = ["TUNE_LR_GRID", "TUNE_LR_METHOD", "TUNE_LAMBDA_GRID", "run_benchmark", "tune"]
+
+# the grids of --tune: learning rate per family (each with the method it is tuned on), then GRFT's lambda
+TUNE_LR_GRID = {"head": (3e-2, 1e-1, 3e-1), "full": (1e-3, 3e-3, 1e-2), "grft": (1e-2, 3e-2, 1e-1),
+                "lora": (3e-3, 1e-2, 3e-2)}
+TUNE_LR_METHOD = {"head": "linear", "full": "full", "grft": "grft-row-k1-noL2", "lora": "lora"}
+TUNE_LAMBDA_GRID = (1e-4, 1e-3, 1e-2)
+
+
+def make_targets(settings: Settings) -> dict[str, TargetData]:
+    """Every target task of ``settings``, by name."""
+    return {name: make_target(name, settings.num_train, settings.num_test, settings.data_seed, settings.img_size)
+            for name in settings.targets}
+
+
+def run_benchmark(settings: Settings, out_dir: Path, cache_dir: Path | None, workers: int = 2,
+                  lr: dict[str, float] | None = None, reg_lambda: float = DEFAULT_REG_LAMBDA,
+                  quiet: bool = False, plot_file: str | None = "accuracy_vs_trainable.png",
+                  command: str | None = None) -> dict[str, Any]:
+    """Pre-train (or load), fine-tune every (target, method, seed), write results.json, table.md and, unless
+    ``plot_file`` is None, the plot. ``command``: the command line to record (default: this process's)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = line_logger(out_dir / "log.txt", quiet)
+    lr = {**DEFAULT_LR, **(lr or {})}
+    methods = settings.methods or DEFAULT_METHODS
+    METHODS.check(methods)
+    begin, code = time.perf_counter(), code_version()  # the code that runs, not the checkout at the end
+    state, pre = pretrain(settings, cache_dir, log, workers, out_dir / "log.txt", quiet)
+    t_targets = time.perf_counter()
+    targets = make_targets(settings)
+    target_seconds = time.perf_counter() - t_targets
+    lora = choose_lora_rank(settings)
+    log(f"targets ready in {target_seconds:.1f} s; LoRA rank {lora['rank']} ({lora['lora_trainable']:,} trainable) "
+        f"matches GRFT row k=1 ({lora['grft_row_k1_trainable']:,}) at 10 classes")
+    jobs = [Job(t, m, s, lr[METHODS[m].family], reg_lambda) for t in settings.targets for m in methods
+            for s in settings.seeds]
+    t_fine = time.perf_counter()
+    runs = run_jobs(jobs, settings, state, targets, lora["rank"], workers, log)
+    finetune_seconds = time.perf_counter() - t_fine
+    results = {
+        "benchmark": "transfer", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": command or command_line(), "code": code, "machine": machine(), "workers": workers,
+        "settings": settings.to_dict(), "methods": list(methods),
+        "lr": lr, "reg_lambda": reg_lambda, "lora": lora, "pretrain": pre,
+        "timing": {"pretrain_seconds": 0.0 if pre["from_cache"] else pre["seconds"],
+                   "pretrain_seconds_when_made": pre["seconds"], "pretrain_from_cache": pre["from_cache"],
+                   "target_data_seconds": target_seconds, "finetune_seconds": finetune_seconds,
+                   "finetune_jobs": len(runs), "finetune_job_seconds_sum": sum(r["seconds"] for r in runs)},
+        "runs": sorted(runs, key=lambda r: (r["target"], METHODS.names().index(r["method"]), r["seed"])),
+    }
+    results["summary"] = summarise(results)
+    _write_results(results, out_dir, plot_file, begin)
+    log(f"done in {results['timing']['total_seconds']:.0f} s: {out_dir / 'table.md'}")
+    return results
+
+
+def _write_results(results: dict[str, Any], out_dir: Path, plot_file: str | None, begin: float) -> None:
+    """table.md, the plot (unless ``plot_file`` is None) and results.json, with the report's and the whole run's
+    seconds (since ``begin``, a ``time.perf_counter()``) in ``results['timing']``."""
+    t_report = time.perf_counter()
+    (out_dir / "table.md").write_text(to_markdown(results))
+    if plot_file is not None:
+        plot(results, out_dir / plot_file)
+    results["timing"]["report_seconds"] = time.perf_counter() - t_report
+    results["timing"]["total_seconds"] = time.perf_counter() - begin
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def tune(settings: Settings, out_dir: Path, cache_dir: Path | None, workers: int = 2,
+         quiet: bool = False) -> dict[str, Any]:
+    """Choose the learning rate of each family, then GRFT's lambda, on validation splits (seed 0); write
+    ``tune.json``.
+
+    Each target's training set is split train[:80%] -> val[80%:]; the test split is never read. The score
+    of a setting is its mean validation top-1 over the targets.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = line_logger(out_dir / "log.txt", quiet)
+    begin, code = time.perf_counter(), code_version()  # the code that runs, not the checkout at the end
+    state, pre = pretrain(settings, cache_dir, log, workers, out_dir / "log.txt", quiet)
+    targets = make_targets(settings)
+    lora = choose_lora_rank(settings)
+    seed = settings.seeds[0]
+
+    def validate(jobs: list[Job]) -> list[dict[str, Any]]:
+        return run_jobs(jobs, settings, state, targets, lora["rank"], workers, log)
+
+    runs = validate([Job(t, TUNE_LR_METHOD[family], seed, value, 0.0, split="val")
+                     for family, grid in TUNE_LR_GRID.items() for value in grid for t in settings.targets])
+    table = {family: {value: _mean_top1(runs, method=TUNE_LR_METHOD[family], lr=value) for value in grid}
+             for family, grid in TUNE_LR_GRID.items()}
+    chosen_lr = {family: max(scores, key=scores.get) for family, scores in table.items()}
+    log(f"chosen learning rates: {chosen_lr}")
+    lambda_runs = validate([Job(t, "grft-row-k1", seed, chosen_lr["grft"], value, split="val")
+                            for value in TUNE_LAMBDA_GRID for t in settings.targets])
+    lambdas = {value: _mean_top1(lambda_runs, reg_lambda=value) for value in TUNE_LAMBDA_GRID}
+    lambdas_zero = table["grft"][chosen_lr["grft"]]  # the lr search ran GRFT row k=1 with L2 off
+    chosen_lambda = max(lambdas, key=lambdas.get)
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "code": code, "machine": machine(),
+              "settings": settings.to_dict(), "pretrain": pre,
+              "lr_grid": {f: list(g) for f, g in TUNE_LR_GRID.items()}, "lr_method": TUNE_LR_METHOD,
+              "val_top1_by_lr": {f: {str(k): v for k, v in s.items()} for f, s in table.items()},
+              "chosen_lr": chosen_lr, "val_top1_by_lambda": {str(k): v for k, v in lambdas.items()},
+              "val_top1_lambda_0": lambdas_zero, "chosen_lambda": chosen_lambda,
+              "per_target": runs + lambda_runs, "seconds": time.perf_counter() - begin}
+    (out_dir / "tune.json").write_text(json.dumps(result, indent=1))
+    log(f"chosen lambda: {chosen_lambda} (val top-1 {lambdas}, lambda 0: {lambdas_zero:.4f}); "
+        f"{result['seconds']:.0f} s")
+    return result
+
+
+def _mean_top1(runs: list[dict[str, Any]], **match: Any) -> float:
+    """Mean top-1 of the runs whose fields equal ``match`` (e.g. ``method=..., lr=...``)."""
+    return float(np.mean([r["top1"] for r in runs if all(r[key] == value for key, value in match.items())]))
