@@ -318,7 +318,8 @@ class PadCollate:
         batch["attention_mask"] = torch.tensor([self._pad([1] * len(item["input_ids"]), length, 0) for item in items],
                                                dtype=torch.long)
         batch["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
-        batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
+        if "index" in items[0]:  # transformers' Trainer drops the keys its model does not take
+            batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
         return batch
 
     def _pad(self, values: Sequence[int], length: int, fill: int) -> list[int]:

@@ -10,13 +10,13 @@ import copy
 from typing import Any, Callable
 
 import torch
-from timm.data import Mixup, resolve_data_config
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import GRFTConfig
-from ..data import TwoViews, contrastive_transform, create_dataset, create_transforms
+from ..data import TwoViews, contrastive_transform, create_dataset, create_transforms, resolve_model_data_config
 from ..selection import BatchFeatures
 from .config import TrainConfig, VisionTrainConfig
 from .model_factory import create_timm_model
@@ -83,8 +83,8 @@ class VisionTask(Task):
 
     @staticmethod
     def data_config(train: VisionTrainConfig, model: nn.Module) -> dict[str, Any]:
-        """timm's data config of the model, with the run's image size."""
-        config = resolve_data_config(model=model)
+        """timm's data config of the model, at the input size it runs at (or the run's image size)."""
+        config = resolve_model_data_config(model)
         if train.img_size is not None:
             config["input_size"] = (3, train.img_size, train.img_size)
         return config
