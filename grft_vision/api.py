@@ -9,10 +9,11 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .config import GRFTConfig, resolve_config
+from .config import GRFTConfig, ScheduleConfig, resolve_config
 from .errors import ConfigError, SelectionError
 from .tuner.lifecycle import disable_adapter
 from .tuner.model import inject, merge_grft, refuse_peft_model, unload_grft
+from .tuner.quantized import is_quantized, weight_shape
 from .tuner.state import DEFAULT_ADAPTER, check_adapter_name
 from .tuner.targets import check_targets
 
@@ -25,10 +26,20 @@ def _check_score(name: str, layer: nn.Module, scores: Mapping[str, torch.Tensor]
         raise SelectionError(f"scores has no entry for {key!r}. Compute scores for every targeted layer "
                              f"(grft_vision.selection) or exclude it with exclude_modules=['{name}'].")
     score = scores[key]
-    if tuple(score.shape) != tuple(layer.weight.shape):
+    if tuple(score.shape) != weight_shape(layer):
         raise SelectionError(f"score for {key!r} has shape {tuple(score.shape)}, but the weight has shape "
-                             f"{tuple(layer.weight.shape)}; scores must match the weight they rank.")
+                             f"{weight_shape(layer)}; scores must match the weight they rank.")
     return score
+
+
+def _check_quantized(targets: Mapping[str, nn.Module], config: GRFTConfig) -> None:
+    """Mask schedules write the entries that stop training into the weight, which a quantized layer would have
+    to re-quantize at every schedule event: they are refused there."""
+    quantized = [name for name, layer in targets.items() if is_quantized(layer)]
+    if quantized and config.schedule != ScheduleConfig().kind:
+        raise ConfigError(f"schedule={config.schedule!r} changes the chosen entries during training, which GRFT does "
+                          f"not offer on quantized layers ({quantized[0]!r}, ...): use the default static schedule, "
+                          "or a full-precision model.")
 
 
 def _scores(model: nn.Module, config: GRFTConfig, scores: Mapping[str, torch.Tensor] | None,
@@ -130,6 +141,7 @@ def apply_grft(
     if state is not None:
         state.check_changeable("apply_grft")
     targets = check_targets(model, config)
+    _check_quantized(targets, config)
     scores, result = _scores(model, config, scores, dataloader, selection_options)
     record = SelectionRecord(config.structure, config.k)
     if result is not None and result.subset_size is not None:

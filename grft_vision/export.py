@@ -10,11 +10,15 @@ import ast
 import sys
 from typing import Any, Sequence
 
+import torch
+
 from .errors import GRFTError
 from .io.checkpoints import read_saved
 from .io.export import check_output, export_merged, write_merged
 
 __all__ = ["main"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _assignment(text: str) -> tuple[str, Any]:
@@ -43,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="timm checkpoints: merge the model EMA's weights (state_dict_ema) instead of the live ones, "
                           "as timm's validate.py --use-ema")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="merge the live weights (the default)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
+                        help="dtype of the written weights (bfloat16 / float16 halve them, for serving)")
     parser.add_argument("--no-check-weights", dest="check_weights", action="store_false",
                         help="load an adapter onto base weights other than its own on purpose")
     return parser
@@ -57,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = export_merged(saved, model=args.model, model_kwargs=dict(args.model_kwargs), base=args.base,
                               pretrained=args.pretrained, adapter_name=args.adapter_name,
                               check_weights=args.check_weights)
-        out = write_merged(model, args.out)
+        out = write_merged(model.to(_DTYPES[args.dtype]), args.out)
     except GRFTError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

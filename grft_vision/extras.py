@@ -26,6 +26,7 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "transformers": ("transformers", "llm"),  # language models
     "sklearn": ("scikit-learn", "llm"),  # GLUE metrics
     "datasets": ("datasets", "llm"),  # GLUE from the Hugging Face hub
+    "bitsandbytes": ("bitsandbytes", "quant"),  # 4-bit / 8-bit frozen bases
 }
 
 

@@ -170,7 +170,8 @@ def test_a_wrapped_model_pickles_and_saves_whole():
     _same_model(copy.deepcopy(model), model)
 
 
-def _outputs_in_a_worker(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _outputs_in_a_worker(model: torch.nn.Module, x: torch.Tensor, threads: int) -> torch.Tensor:
+    torch.set_num_threads(threads)  # the parent's: a convolution's sums run in the same order
     with torch.no_grad():
         return model(x)
 
@@ -181,7 +182,7 @@ def test_a_wrapped_model_goes_to_a_spawned_process():
     with torch.no_grad():
         expected = model(x)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        assert torch.equal(pool.apply(_outputs_in_a_worker, (model, x)), expected)
+        assert torch.equal(pool.apply(_outputs_in_a_worker, (model, x, torch.get_num_threads())), expected)
 
 
 # 6 ------------------------------------------------------------------ the scripts tell the truth

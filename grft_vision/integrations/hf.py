@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import copy
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from torch import nn
 from ..io.adapters import CONFIG_NAME, from_pretrained, save_pretrained
 from ..errors import AdapterError, ConfigError
 from ..extras import import_optional
+from ..tuner.anatomy import is_grft_model
 from ..tuner.layer import own_class
 from ..tuner.model import merge_grft
 from ..tuner.regularization import L2ToPretrained
@@ -47,6 +49,25 @@ def _class_name(model: nn.Module) -> str:
     return own_class(model).__name__
 
 
+@contextmanager
+def _adapter_attached(model: nn.Module | None) -> Iterator[None]:
+    """Within the context, a bitsandbytes-quantized model says it has an adapter attached.
+
+    The Trainer refuses to fine-tune a quantized model unless transformers' own PEFT integration loaded an
+    adapter (its ``_hf_peft_config_loaded`` flag), because otherwise nothing trainable sits on top of the frozen
+    quantized weights. A GRFT model has its updates there; the flag is set only while the Trainer checks it.
+    """
+    marked = model is not None and getattr(model, "is_quantized", False) and is_grft_model(model) \
+        and not getattr(model, "_hf_peft_config_loaded", False)
+    if marked:
+        model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if marked:
+            model._hf_peft_config_loaded = False
+
+
 class GRFTTrainer(transformers.Trainer):
     """``transformers.Trainer`` for a GRFT model (see the module docstring).
 
@@ -62,7 +83,9 @@ class GRFTTrainer(transformers.Trainer):
     """
 
     def __init__(self, *args: Any, regularizer: L2ToPretrained | bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        with _adapter_attached(model):
+            super().__init__(*args, **kwargs)
         state = grft_state(self.model)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ConfigError("GRFTTrainer saves and loads the adapter only, which DeepSpeed and Accelerate's FSDP do "

@@ -30,6 +30,7 @@ from ..errors import AdapterError, ConfigError
 from ..tuner.anatomy import architecture_name, head_module_names, in_modules
 from ..tuner.layer import GRFTLayer, grft_layers
 from ..tuner.owned import owned_tensors
+from ..tuner.quantized import weight_numel, weight_shape as layer_weight_shape
 from ..tuner.state import grft_state
 from ..tuner.structures import FILE_SUFFIXES, STRUCTURES
 from ..tuner.trainable import fully_trained_tensors, tracked_statistics
@@ -171,12 +172,11 @@ def check_identity(source: str, parsed: ParsedAdapter, model: nn.Module, owned: 
     Raises:
         AdapterError: another architecture (the differing parameters named), or other base weights.
     """
-    params = {name: t for name, t in pretrained_parameters(model).items() if name not in owned}
+    parameters = pretrained_parameters(model)
+    shapes = {name: list(shape) for name, shape in parameters.shapes.items() if name not in owned}
     saved_shapes = {name: shape for name, shape in parsed.base["param_shapes"].items() if name not in owned}
-    differences = [f"{name}: adapter {saved_shapes.get(name)} vs model "
-                   f"{list(params[name].shape) if name in params else None}"
-                   for name in sorted(set(saved_shapes) | set(params))
-                   if name not in params or saved_shapes.get(name) != list(params[name].shape)]
+    differences = [f"{name}: adapter {saved_shapes.get(name)} vs model {shapes.get(name)}"
+                   for name in sorted(set(saved_shapes) | set(shapes)) if saved_shapes.get(name) != shapes.get(name)]
     if differences:
         raise AdapterError(
             f"adapter {source!r} was saved from {parsed.base['architecture']!r} and does not fit this "
@@ -186,11 +186,12 @@ def check_identity(source: str, parsed: ParsedAdapter, model: nn.Module, owned: 
         return
     if parsed.format == FORMAT_1:
         mismatched = [name for name, checksum in parsed.base["weight_checksums"].items()
-                      if name in params
-                      and abs(float(params[name].detach().double().pow(2).sum()) - checksum) > 1e-3 * abs(checksum)]
+                      if name in shapes
+                      and abs(float(parameters[name].detach().double().pow(2).sum()) - checksum) > 1e-3 * abs(checksum)]
     else:
         mismatched = [name for name, saved in parsed.base["fingerprints"].items()
-                      if name in params and not fingerprints_match(saved, params[name])]
+                      if name in shapes
+                      and not fingerprints_match(saved, parameters[name], parameters.quantization.get(name))]
     if mismatched:
         raise AdapterError(
             f"adapter {source!r} was trained on different base weights: {len(mismatched)} tensor(s) differ, e.g. "
@@ -229,7 +230,7 @@ def _check_update(name: str, layer: nn.Module, structure: str, tensors: dict[str
                   source: str) -> torch.Tensor:
     """One layer's update tensors are valid; returns its indices (int64)."""
     cls = STRUCTURES.get(structure)
-    weight_shape, groups = tuple(layer.weight.shape), getattr(layer, "groups", 1)
+    weight_shape, groups = layer_weight_shape(layer), getattr(layer, "groups", 1)
     if not isinstance(layer, (nn.Linear, nn.Conv2d)) or not cls.applies_to(weight_shape):
         raise AdapterError(f"adapter {source!r}: layer {name!r} is a {type(layer).__name__}, which cannot hold a "
                            f"{structure!r} update.")
@@ -248,7 +249,7 @@ def _check_update(name: str, layer: nn.Module, structure: str, tensors: dict[str
                       (weight_shape[0],), source)
     frozen_key = name + FILE_SUFFIXES["frozen_index"]
     if frozen_key in tensors:
-        frozen, numel = tensors[frozen_key], layer.weight.numel()
+        frozen, numel = tensors[frozen_key], weight_numel(layer)
         if frozen.dim() != 1 or (frozen.numel() and (int(frozen.min()) < 0 or int(frozen.max()) >= numel
                                                      or bool((frozen.diff() <= 0).any()))):
             raise AdapterError(f"adapter {source!r}: {frozen_key!r} must hold sorted unique positions in [0, {numel}); "

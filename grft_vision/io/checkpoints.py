@@ -45,6 +45,7 @@ from ..errors import ConfigError, ModelLoadError
 from ..tuner.lifecycle import set_adapter
 from ..tuner.model import inject
 from ..tuner.owned import own_tensor, owned_tensor_of
+from ..tuner.quantized import weight_shape as layer_weight_shape
 from ..tuner.structures import STRUCTURES
 from .adapters import CONFIG_NAME, WEIGHTS_NAME
 
@@ -254,7 +255,7 @@ def _structure(model: nn.Module, layer_name: str, indices: torch.Tensor, delta: 
     if not isinstance(layer, (nn.Linear, nn.Conv2d)):
         raise ModelLoadError(f"{source!r} has an update for {layer_name!r}, which is a {type(layer).__name__} in this "
                              "model; pass the --model and --model-kwargs it was trained with.")
-    weight_shape, groups = tuple(layer.weight.shape), getattr(layer, "groups", 1)
+    weight_shape, groups = layer_weight_shape(layer), getattr(layer, "groups", 1)
     fits = [name for name, structure in STRUCTURES.items()
             if structure.fits(weight_shape, groups, tuple(indices.shape), tuple(delta.shape))]
     if not fits:

@@ -5,8 +5,10 @@ The result is the merged model's plain ``state_dict`` (the original keys, the ad
 directory, ``from_pretrained``). Before anything is written it is loaded strictly into a freshly created
 plain model. The checkpoint is read by :func:`~.checkpoints.read_saved`; the base weights of an adapter come
 from ``base`` (a file, or a Hugging Face folder / hub id), timm's pre-trained weights (``pretrained``), the
-run's ``--checkpoint`` file, or what the adapter records. The command line is ``python -m grft_vision.export``
-(:mod:`grft_vision.export`).
+run's ``--checkpoint`` file, or what the adapter records. An adapter trained on a quantized base (4-bit, 8-bit) is
+merged into the full-precision weights quantized and dequantized as its layers held them
+(:func:`dequantize_as_trained`): the merged model computes what the trained one did, at the precision of
+``--dtype``. The command line is ``python -m grft_vision.export`` (:mod:`grft_vision.export`).
 
 The model is ``model`` / ``model_kwargs`` when given, else what the checkpoint records: timm's saved ``args``
 (``model``, ``num_classes``, ``in_chans``, ``model_kwargs``), a run's settings (``model``, ``img_size``), a
@@ -28,12 +30,14 @@ from torch import nn
 
 from ..errors import ConfigError, ModelLoadError, did_you_mean
 from ..files import atomic_write
+from ..tuner.anatomy import original_name
 from ..tuner.model import merge_grft
+from ..tuner.quantized import QUANTIZED_FORMATS
 from .adapters import apply_adapter_state
 from .checkpoints import SavedModel, read_saved, rebuild_wrapped, wrapped_adapter_names
 from .weights import check_weights_file, first_line
 
-__all__ = ["export_merged", "write_merged", "check_output", "TORCH_SUFFIXES"]
+__all__ = ["export_merged", "write_merged", "check_output", "dequantize_as_trained", "TORCH_SUFFIXES"]
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")
 _HF_HEADS = ("score", "classifier")
@@ -221,7 +225,24 @@ def _merge_adapter(saved: SavedModel, spec: _Spec, base: str | None, pretrained:
         model = spec.create_timm(own_rows or base_rows, base=base, pretrained=base is None and seed is None,
                                  base_classes=None if own_rows else base_rows, seed=seed)
     apply_adapter_state(model, tensors, metadata, source=saved.source, check_weights=check_weights)
+    dequantize_as_trained(model, json.loads(metadata.get("base_model", "{}")))
     return merge_grft(model)
+
+
+def dequantize_as_trained(model: nn.Module, identity: Mapping[str, Any]) -> None:
+    """Give every weight the adapter's base held quantized the values its quantized layer computed with (the
+    full-precision weight quantized with the recorded settings and dequantized), so that the merged model
+    computes what the trained model computed; nothing else changes."""
+    recorded = {name: print_["quantization"] for name, print_ in (identity.get("fingerprints") or {}).items()
+                if isinstance(print_, dict) and print_.get("quantization")}
+    if not recorded:
+        return
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            settings = recorded.get(original_name(name))
+            if settings is not None:
+                fmt = QUANTIZED_FORMATS.get(settings["format"])
+                param.copy_(fmt.roundtrip(param.detach().float(), settings).to(param.dtype))
 
 
 def _base_advice(identity: Mapping[str, Any], name: str) -> str:

@@ -23,13 +23,15 @@ import functools
 import hashlib
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from ..tuner.anatomy import architecture_name, base_tensors, input_size
+from ..extras import import_optional
+from ..tuner.anatomy import architecture_name, base_tensors, input_size, original_name
 from ..tuner.layer import grft_layers
+from ..tuner.quantized import QUANTIZED_FORMATS, quantized_format, quantized_layers
 
 __all__ = ["fingerprint", "fingerprints_match", "pretrained_parameters", "base_identity", "record_base_weights",
            "base_weights", "file_sha256"]
@@ -62,8 +64,26 @@ def fingerprint(tensor: torch.Tensor) -> list[float]:
     return sums.tolist()
 
 
-def fingerprints_match(saved: dict[str, Any], tensor: torch.Tensor) -> bool:
-    """Equal up to the rounding of the coarser of the saved and the current dtype (a cast changes nothing more)."""
+def fingerprints_match(saved: dict[str, Any], tensor: torch.Tensor, quantization: dict[str, Any] | None = None
+                       ) -> bool:
+    """Equal up to the rounding of the coarser of the saved and the current dtype (a cast changes nothing more).
+
+    A quantized weight is fingerprinted dequantized, with its settings (``quantization``, as
+    :meth:`~grft_vision.tuner.quantized.QuantizedFormat.describe` gives them). A full-precision weight checked
+    against a quantized record is quantized the same way first (exact); a quantized weight checked against a
+    full-precision record (or another format) can only be within the quantization's error: the sums must agree
+    to a few times the error they would have if each weight moved by the format's relative rms error at random.
+    """
+    recorded = saved.get("quantization")
+    if recorded is not None and recorded != quantization:
+        fmt = QUANTIZED_FORMATS.get(recorded["format"])
+        if quantization is None:
+            import_optional("bitsandbytes", "checking an adapter saved from a quantized model")
+            return fingerprints_match({**saved, "quantization": None}, fmt.roundtrip(tensor, recorded))
+        current_format = QUANTIZED_FORMATS.get(quantization["format"])
+        return _within_quantization(saved["sums"], tensor, fmt.relative_error + current_format.relative_error)
+    if quantization is not None and recorded is None:
+        return _within_quantization(saved["sums"], tensor, QUANTIZED_FORMATS.get(quantization["format"]).relative_error)
     current = fingerprint(tensor)
     eps = max(_EPS.get(saved.get("dtype", "float32"), 1e-3), _EPS.get(str(tensor.dtype).removeprefix("torch."), 1e-3))
     numel = max(tensor.numel(), 1)
@@ -72,14 +92,56 @@ def fingerprints_match(saved: dict[str, Any], tensor: torch.Tensor) -> bool:
     return all(abs(a - b) <= tol for a, b, tol in zip(saved["sums"], current, tolerances))
 
 
-def pretrained_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Backbone parameters by original name, pre-trained values (whatever is merged into a wrapped weight)."""
-    tensors = base_tensors(model)
-    for name, layer in grft_layers(model):
-        tensors[f"{name}.weight"] = layer.pristine_weight()
-        if layer.base_layer.bias is not None:
-            tensors[f"{name}.bias"] = layer.pristine_bias()
-    return tensors
+def _within_quantization(saved: list[float], tensor: torch.Tensor, relative_error: float) -> bool:
+    """The sums of :func:`fingerprint` agree to within 8 standard deviations of what a random error of rms
+    ``relative_error`` times the weights' rms would change them by."""
+    flat = tensor.detach().reshape(-1).double()
+    squares = float(flat.pow(2).sum())
+    spread = relative_error * math.sqrt(squares)  # std of sum(E) for errors of rms relative_error * rms(w)
+    fourth = math.sqrt(float(flat.pow(4).sum()))
+    current = fingerprint(tensor)
+    tolerances = (8 * spread, 2 * relative_error ** 2 * squares + 16 * relative_error * fourth, 4 * spread)
+    return all(abs(a - b) <= tol for a, b, tol in zip(saved, current, tolerances))
+
+
+class _PretrainedTensors(Mapping[str, torch.Tensor]):
+    """Backbone tensors by original name; the pre-trained weight of a wrapped or quantized layer is computed
+    when read (dequantized, for a quantized one: one dense copy at a time).
+
+    Attributes:
+        shapes: every tensor's (logical) shape, known without computing it.
+        quantization: the settings of the quantized weights, by name.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._tensors: dict[str, Any] = dict(base_tensors(model))
+        self.shapes = {name: tuple(tensor.shape) for name, tensor in self._tensors.items()}
+        self.quantization: dict[str, dict[str, Any]] = {}
+        for module_name, layer in quantized_layers(model):  # wrapped ones too (their pristine weight below)
+            name = f"{original_name(module_name)}.weight"
+            fmt = quantized_format(layer)
+            self._tensors[name], self.shapes[name] = functools.partial(fmt.dequantize, layer), fmt.shape(layer)
+            self.quantization[name] = fmt.describe(layer)
+        for module_name, layer in grft_layers(model):
+            self._tensors[f"{module_name}.weight"] = layer.pristine_weight
+            if layer.base_layer.bias is not None:
+                self._tensors[f"{module_name}.bias"] = layer.pristine_bias
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        value = self._tensors[name]
+        return value if torch.is_tensor(value) else value()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def pretrained_parameters(model: nn.Module) -> _PretrainedTensors:
+    """Backbone parameters by original name, pre-trained values (whatever is merged into a wrapped weight); a
+    quantized layer's weight dequantized (its settings in the result's ``quantization``)."""
+    return _PretrainedTensors(model)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -118,14 +180,21 @@ def base_weights(model: nn.Module) -> dict[str, Any]:
 def base_identity(model: nn.Module, owned: set[str]) -> dict[str, Any]:
     """What an adapter records of its base model (the tensors it owns left out)."""
     weights = base_weights(model)
-    tensors = {name: t for name, t in pretrained_parameters(model).items() if name not in owned}
+    parameters = pretrained_parameters(model)
+    names = [name for name in parameters if name not in owned]
+    shapes, prints = {}, {}
+    for name in names:  # one dense (dequantized) tensor alive at a time
+        tensor = parameters[name]
+        shapes[name] = list(parameters.shapes[name])
+        prints[name] = {"dtype": str(tensor.dtype).removeprefix("torch."), "sums": fingerprint(tensor)}
+        if name in parameters.quantization:
+            prints[name]["quantization"] = parameters.quantization[name]
     return {
         "architecture": architecture_name(model),
         "weights": weights,
         "pretrained_tag": weights.get("tag") if weights["kind"] == "pretrained" else None,
         "hf_hub_id": weights.get("hub_id") or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "input_size": list(input_size(model) or []) or None,
-        "param_shapes": {name: list(t.shape) for name, t in tensors.items()},
-        "fingerprints": {name: {"dtype": str(t.dtype).removeprefix("torch."), "sums": fingerprint(t)}
-                         for name, t in tensors.items()},
+        "param_shapes": shapes,
+        "fingerprints": prints,
     }

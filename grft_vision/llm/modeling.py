@@ -8,7 +8,8 @@ a linear ``score`` head on the last non-padding token, encoders such as BERT the
 - precision: the frozen weights in ``dtype`` (bf16 halves their memory); the head is kept in fp32 (it is
   trained fully, and AdamW steps are lost in bf16 rounding), with its input cast to fp32. GRFT updates are
   fp32 by construction (:mod:`grft_vision.tuner.dtypes`);
-- memory: the KV cache is off (no generation), and gradient checkpointing is optional.
+- memory: the KV cache is off (no generation), and gradient checkpointing is optional; ``quantize`` keeps the
+  body's linear layers in 4 or 8 bits (bitsandbytes, QLoRA-style), the head in fp32.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ..tuner.anatomy import head_module_names, is_adapter_tensor
+from ..tuner.quantized import QUANT_TYPES, quantize_model
 from ..config import ConfigError
 from ..extras import import_optional
 from ..training.model_factory import ModelLoadError
@@ -31,6 +33,7 @@ __all__ = ["resolve_dtype", "load_tokenizer", "load_classifier", "enable_gradien
 _logger = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _WRAPPED = re.compile(r"\.base_layer\.|\.(?:grft_owned|parametrizations)\.[^.]+\.original$")  # a GRFT model's own keys
+_HEADS = ("score", "classifier")  # sequence classifiers' heads: trained in full, never quantized
 _NO_LIMIT = 10**8  # tokenizers without a known limit report a huge model_max_length
 
 
@@ -161,9 +164,28 @@ def _refuse_wrapped_weights(name: str, loading: dict[str, Any]) -> None:
                              "or load the adapter onto the base model (grft_vision.load_adapter / from_pretrained).")
 
 
+def _quantized_loading(quantize: str | None, dtype: torch.dtype, device: str | torch.device) -> dict[str, Any]:
+    """``from_pretrained`` keywords that quantize the body's linear layers while loading (none for ``None``)."""
+    if quantize is None:
+        return {}
+    if quantize not in QUANT_TYPES:
+        raise ConfigError(f"quantize={quantize!r} is not a bitsandbytes format GRFT supports; use one of "
+                          f"{', '.join(QUANT_TYPES)}.")
+    import_optional("bitsandbytes", f"quantize={quantize!r}")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        settings = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(_HEADS))
+    else:
+        settings = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=dtype,
+                                      bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(_HEADS))
+    return {"quantization_config": settings, "device_map": {"": torch.device(device)}}
+
+
 def load_classifier(name: str, num_classes: int, tokenizer: Any, *, pretrained: bool = True,
                     dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
-                    progress: bool = True) -> nn.Module:
+                    progress: bool = True, quantize: str | None = None, device: str | torch.device = "cpu"
+                    ) -> nn.Module:
     """``AutoModelForSequenceClassification`` of ``name`` with a fresh ``num_classes`` head (seeded by the caller).
 
     Args:
@@ -174,6 +196,11 @@ def load_classifier(name: str, num_classes: int, tokenizer: Any, *, pretrained: 
         dtype: weight dtype of the body (the head stays fp32).
         gradient_checkpointing: see :func:`enable_gradient_checkpointing`.
         progress: show transformers' loading progress bar.
+        quantize: ``"nf4"``, ``"fp4"`` or ``"int8"``: the body's linear layers in 4 / 8 bits (bitsandbytes,
+            QLoRA-style; double-quantized 4-bit blocks computing in ``dtype``), the head in fp32. Pre-trained
+            weights are quantized by transformers while loading (onto ``device``); a random base is built in
+            full precision and converted (:func:`grft_vision.tuner.quantized.quantize_model`).
+        device: where a quantized model is loaded (bitsandbytes places its layers when quantizing).
 
     Raises:
         ModelLoadError: the model cannot be found or loaded (the message says how to use a local copy), or the
@@ -190,11 +217,14 @@ def load_classifier(name: str, num_classes: int, tokenizer: Any, *, pretrained: 
     try:
         config = AutoConfig.from_pretrained(name, num_labels=num_classes, pad_token_id=tokenizer.pad_token_id)
         if pretrained:
-            model, loading = AutoModelForSequenceClassification.from_pretrained(name, config=config, dtype=dtype,
-                                                                               output_loading_info=True)
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                name, config=config, dtype=dtype, output_loading_info=True,
+                **_quantized_loading(quantize, dtype, device))
             _refuse_wrapped_weights(name, loading)
         else:
             model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+            if quantize is not None:
+                quantize_model(model.to(device), quantize, compute_dtype=dtype)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load {name!r} as a sequence classifier ({type(error).__name__}: "
                              f"{error}). {_load_hint(name)}") from error

@@ -59,14 +59,15 @@ class GlueTask(Task):
             raise ConfigError(str(error)) from error
         return train_set, eval_set, GLUE_TASKS[train.dataset].num_classes
 
-    def build_model(self, train: TrainConfig, num_classes: int) -> nn.Module:
+    def build_model(self, train: TrainConfig, num_classes: int, device: torch.device | None = None) -> nn.Module:
         train = self._settings(train)
         self.tokenizer = load_tokenizer(train.model, train.pad_token)
         if not train.pretrained:  # the random base is this seed's (recorded below)
             torch.manual_seed(train.seed)
         model = load_classifier(train.model, num_classes, self.tokenizer, pretrained=train.pretrained,
                                 dtype=resolve_dtype(train.dtype, train.device),
-                                gradient_checkpointing=train.gradient_checkpointing, progress=not train.quiet)
+                                gradient_checkpointing=train.gradient_checkpointing, progress=not train.quiet,
+                                quantize=train.quantize, device=device or "cpu")
         if train.pretrained:
             record_base_weights(model, "pretrained", hub_id=train.model)
         else:

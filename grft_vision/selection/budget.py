@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..config import GRFTConfig
+from ..tuner.quantized import weight_numel, weight_shape
 from ..tuner.structures import STRUCTURES
 
 __all__ = ["unit_cost", "allocate_units", "weight_entropy"]
@@ -65,7 +66,7 @@ def allocate_units(layers: dict[str, nn.Module], scores: dict[str, torch.Tensor]
     """Units per layer under ``config.budget`` (see the module docstring); names as in ``layers``."""
     classes = {name: STRUCTURES.get(structures[name]) for name in layers}
     groups = {name: getattr(layer, "groups", 1) for name, layer in layers.items()}
-    shapes = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
+    shapes = {name: weight_shape(layer) for name, layer in layers.items()}
     candidates = _Candidates(
         layers, classes, groups,
         available={name: classes[name].candidate_count(shapes[name], groups[name]) for name in layers},
@@ -79,7 +80,7 @@ def _total_budget(candidates: _Candidates, config: GRFTConfig) -> int:
     if config.budget_params is not None:
         return config.budget_params
     if config.budget_fraction is not None:
-        return int(config.budget_fraction * sum(layer.weight.numel() for layer in candidates.layers.values()))
+        return int(config.budget_fraction * sum(weight_numel(layer) for layer in candidates.layers.values()))
     return sum(candidates.uniform[name] * candidates.costs[name] for name in candidates.layers)
 
 

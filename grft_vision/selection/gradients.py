@@ -29,9 +29,11 @@ from tqdm.auto import tqdm
 from ..config import GRFTConfig, SelectionConfig, resolve_config
 from ..errors import SelectionError
 from ..tuner.layer import grft_layers
+from ..tuner.quantized import is_quantized, quantized_format
 from ..tuner.targets import find_target_layers
 from .features import BatchFeatures, VisionFeatures
 from .losses import CrossEntropySelectionLoss, SupConSelectionLoss, selection_loss
+from .probes import weight_probes
 from .scores import SCORES, data_free_scores
 from .subsets import mean_subset_loss, split_subsets, subset_loader
 from .views import ContrastiveViews
@@ -234,18 +236,40 @@ class ScoreRun:
         return tuple(data_config["input_size"])
 
 
-def _scored_weights(model: nn.Module, config: GRFTConfig) -> tuple[dict[str, nn.Parameter], dict[str, torch.Tensor]]:
-    """The weights whose gradients are taken, and the values ``theta`` the scores use, by layer name.
+class _Thetas(Mapping[str, torch.Tensor]):
+    """The values ``theta`` the scores use, by layer name, computed when read (a quantized layer's is a
+    dequantized copy: reading one at a time keeps one dense copy alive, not one per layer)."""
+
+    def __init__(self, layers: dict[str, nn.Module], wrappers: dict[str, nn.Module]) -> None:
+        self._layers, self._wrappers = layers, wrappers
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._wrappers:
+            return self._wrappers[name].weight.detach()
+        layer = self._layers[name]
+        fmt = quantized_format(layer)
+        return fmt.dequantize(layer) if fmt is not None else layer.weight.detach()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+
+def _scored_weights(model: nn.Module, targets: dict[str, nn.Module], probes: dict[str, torch.Tensor]
+                    ) -> tuple[dict[str, torch.Tensor], _Thetas]:
+    """The tensors whose gradients are taken, and the values ``theta`` the scores use, by layer name.
 
     The targeted layers' weights (a wrapped layer's frozen base weight, whose gradient equals that of its
-    effective weight), and as ``theta`` the weight the model computes with: for a wrapped layer the active
-    adapter's effective weight ``W + scatter(delta)`` (schedules re-score during training), the base weight
-    when adapters are disabled (a new adapter is scored on the base model).
+    effective weight; a quantized layer's probe, :mod:`.probes`), and as ``theta`` the weight the model
+    computes with: for a wrapped layer the active adapter's effective weight ``W + scatter(delta)`` (schedules
+    re-score during training), the base weight when adapters are disabled (a new adapter is scored on the base
+    model).
     """
     wrappers = dict(grft_layers(model))
-    weights = {name: layer.weight for name, layer in find_target_layers(model, config).items()}
-    thetas = {name: (wrappers[name].weight if name in wrappers else weight).detach() for name, weight in weights.items()}
-    return weights, thetas
+    weights = {name: probes[name] if name in probes else layer.weight for name, layer in targets.items()}
+    return weights, _Thetas(targets, {name: wrappers[name] for name in targets if name in wrappers})
 
 
 def compute_scores(
@@ -286,7 +310,24 @@ def compute_scores(
     options = config.selection_config
     score = SCORES.get(options.score)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    weights, thetas = _scored_weights(model, config)
+    targets = find_target_layers(model, config)
+    quantized = {name: layer for name, layer in targets.items() if is_quantized(layer)}
+    if quantized and not score.supports_quantized:
+        raise SelectionError(f"score={options.score!r} cannot score the quantized layers of this model "
+                             f"({next(iter(quantized))!r}, ...): {score.quantized_limit} Use another score, or "
+                             "score the full-precision model and pass scores= to apply_grft.")
+    with weight_probes(quantized) as probes:
+        weights, thetas = _scored_weights(model, targets, probes)
+        return _compute(model, dataloader, config, score, weights, thetas, start, features=features, device=device,
+                        amp=amp, progress=progress, input_shape=input_shape)
+
+
+def _compute(model: nn.Module, dataloader: DataLoader | Iterable[Any] | None, config: GRFTConfig, score: Any,
+             weights: dict[str, torch.Tensor], thetas: Mapping[str, torch.Tensor], start: float, *,
+             features: BatchFeatures | None, device: torch.device, amp: bool, progress: bool,
+             input_shape: tuple[int, ...] | None) -> SelectionResult:
+    """The selection of :func:`compute_scores` once the scored tensors are known."""
+    options = config.selection_config
     seed = options.seed
     if not score.needs_data:
         run = ScoreRun(model, weights, thetas, options, seed=seed, progress=progress, input_shape=input_shape,

@@ -82,10 +82,20 @@ class Score:
     Args:
         name: its registry name (the value of ``GRFTConfig.score``).
         needs_data: True when it reads the selection data (the gradient pass); False for data-free scores.
+
+    Attributes:
+        quantized_limit: why the score cannot score a quantized (bitsandbytes) layer, or None when it can: a
+            quantized layer's gradient comes from a probe (:mod:`.probes`), its ``theta`` is dequantized.
     """
+
+    quantized_limit: str | None = None
 
     def __init__(self, name: str, needs_data: bool = True) -> None:
         self.name, self.needs_data = name, needs_data
+
+    @property
+    def supports_quantized(self) -> bool:
+        return self.quantized_limit is None
 
     def compute(self, inputs: ScoreInputs) -> dict[str, torch.Tensor]:
         """``{layer name: score of the weight's shape}`` for every targeted weight."""
@@ -123,6 +133,8 @@ class _Fisher(Score):
 
 
 class _GraSP(Score):
+    quantized_limit = "its Hessian-vector product needs a second derivative through bitsandbytes' matmul, which has none."
+
     def compute(self, inputs: ScoreInputs) -> dict[str, torch.Tensor]:
         product = inputs.hessian_times(inputs.gradient_sums())
         return {name: -product[name] * inputs.thetas[name].float() for name in inputs.weights}
@@ -143,6 +155,8 @@ class _Random(Score):
 
 
 class _SynFlow(Score):
+    quantized_limit = "it replaces every weight by its magnitude, which a quantized weight cannot take."
+
     def compute(self, inputs: ScoreInputs) -> dict[str, torch.Tensor]:
         return synflow_scores(inputs.model, inputs.weights, inputs.input_shape())
 

@@ -29,6 +29,7 @@ from ..config import GRFTConfig
 from ..data import DATASET_NAMES
 from ..errors import ConfigError, GRFTError, TrainingError, did_you_mean
 from ..extras import MissingDependencyError
+from ..tuner.quantized import QUANT_TYPES
 from .config import (TrainConfig, VisionTrainConfig, builtin_config_dir, builtin_config_files, load_layers,
                      split_settings, yaml_problem)
 
@@ -91,6 +92,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--checkpoint": ("checkpoint", {"metavar": "FILE"}),
     "--img-size": ("img_size", {"type": int}),
     "--drop-path": ("drop_path", {"type": float}),
+    "--quantize": ("quantize", {"choices": QUANT_TYPES}),
     "--method": ("method", {}),  # choices: the registered methods (build_parser)
     "--lr": ("lr", {"type": float}),
     "--batch-size": ("batch_size", {"type": int}),

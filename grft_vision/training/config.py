@@ -22,6 +22,7 @@ from timm.scheduler import create_scheduler_v2
 
 from ..config import GRFTConfig, check_field_types, check_range, coerce_numbers
 from ..errors import ConfigError, did_you_mean
+from ..tuner.quantized import QUANT_TYPES
 
 __all__ = ["TrainConfig", "VisionTrainConfig", "INTERPOLATIONS", "builtin_config_dir", "builtin_config_files", "load_layers",
            "split_settings", "resolved_settings", "max_workers", "yaml_problem"]
@@ -52,6 +53,9 @@ class TrainConfig:
     # --- model ------------------------------------------------------------------------------------
     model: str = field(default="vit_base_patch16_224.augreg_in21k", metadata={"help": "The model to fine-tune."})
     pretrained: bool = field(default=True, metadata={"help": "Load pre-trained weights (false: random initialisation)."})
+    quantize: str | None = field(default=None, metadata={
+        "help": "Keep the frozen linear layers quantized (bitsandbytes, QLoRA-style): nf4, fp4 or int8; the head, "
+                "convolutions and norms stay in full precision. Needs the quant extra."})
     # --- optimisation -----------------------------------------------------------------------------
     method: str = field(default="grft", metadata={"help": "grft, full (full fine-tuning) or head (linear probe)."})
     opt: str = field(default="adam", metadata={"help": "timm optimizer name (create_optimizer_v2)."})
@@ -86,7 +90,13 @@ class TrainConfig:
         check_field_types(self)
         from .methods import METHODS
 
-        METHODS.get(self.method)
+        method = METHODS.get(self.method)
+        if self.quantize is not None:
+            if self.quantize not in QUANT_TYPES:
+                raise ConfigError(f"quantize={self.quantize!r} must be one of {', '.join(QUANT_TYPES)}.")
+            if method.trains_base:
+                raise ConfigError(f"method={self.method!r} trains the base weights, which quantize={self.quantize!r} "
+                                  "keeps frozen in 4/8 bits; use method=grft (or head), or drop quantize.")
         for name in ("epochs", "batch_size", "eval_every", "divergence_window"):
             check_range(self, name, low=1)
         for name in ("warmup_epochs", "seed", "weight_decay", "warmup_lr", "min_lr"):

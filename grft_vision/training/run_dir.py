@@ -38,6 +38,8 @@ RUN_FILES = ("config.yaml", "selection.json", "adapter.safetensors", "trainable.
 # settings that may differ between a run and its resumption
 RESUME_FREE = {"run_dir", "logdir", "quiet", "workers", "device", "eval_every", "divergence_factor",
                "divergence_window", "fsdp", "download"}
+# settings added since runs were first written, and the value their absence means (what older runs did)
+ADDED_SETTINGS = {"quantize": None}
 
 
 def _lock(handle: IO) -> bool:
@@ -154,7 +156,7 @@ class RunDirectory:
                 raise ConfigError(f"--resume: {self.path} holds no checkpoint yet (the run stopped before its first "
                                   "epoch ended); start it again with --overwrite.")
             raise ConfigError(f"--resume: no run in {self.path} (no checkpoint.pt); start the run without --resume.")
-        saved = _read_settings(config_path, "restore it, or start the run again with --overwrite")
+        saved = {**ADDED_SETTINGS, **_read_settings(config_path, "restore it, or start the run again with --overwrite")}
         missing = sorted(set(self.settings) - set(saved) - RESUME_FREE)
         if missing:
             shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
@@ -168,7 +170,7 @@ class RunDirectory:
         if checkpoint.get("settings") is None:
             raise ConfigError(f"--resume: {path} does not record the settings it was trained with (written by an "
                               "older version), so it cannot be matched to this run; start again with --overwrite.")
-        stale = _differences(checkpoint["settings"], self.settings)
+        stale = _differences({**ADDED_SETTINGS, **checkpoint["settings"]}, self.settings)
         if stale:
             raise ConfigError(f"--resume: {path} belongs to an earlier run in {self.path} (its {', '.join(stale)} "
                               "differ from config.yaml's); start this run again with --overwrite.")

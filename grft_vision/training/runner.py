@@ -258,7 +258,7 @@ def _open(train: TrainConfig, grft: GRFTConfig, task: Task, context: Distributed
     if directory.resume and not context.is_main:
         checkpoint = load_checkpoint(directory / "checkpoint.pt")
     train_set, eval_set, num_classes = task.datasets(train)
-    model = task.build_model(train, num_classes).to(context.device)
+    model = task.build_model(train, num_classes, context.device).to(context.device)
     task.prepare_data(train, model, train_set, eval_set)
     if checkpoint is None:  # nothing is written before the data, the model and k are known to be usable
         method.check(model, grft)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import GRFTConfig
 from ..data import TwoViews, contrastive_transform, create_dataset, create_transforms, resolve_model_data_config
 from ..selection import BatchFeatures
+from ..tuner.quantized import quantize_model
 from .config import TrainConfig, VisionTrainConfig
 from .model_factory import create_timm_model
 from .trainer import Batches, ImageBatches, top1_metrics
@@ -36,8 +37,9 @@ class Task:
         """``(train set, eval set, number of classes)``, transforms not yet set."""
         raise NotImplementedError
 
-    def build_model(self, train: TrainConfig, num_classes: int) -> nn.Module:
-        """The pre-trained model with a fresh ``num_classes`` head (seeded by the caller)."""
+    def build_model(self, train: TrainConfig, num_classes: int, device: torch.device | None = None) -> nn.Module:
+        """The pre-trained model with a fresh ``num_classes`` head (seeded by the caller), quantized when
+        ``train.quantize`` says so; ``device``: where the run computes (quantizing places the layers there)."""
         raise NotImplementedError
 
     def prepare_data(self, train: TrainConfig, model: nn.Module, train_set: Dataset, eval_set: Dataset) -> None:
@@ -78,8 +80,11 @@ class VisionTask(Task):
                        "seed": train.seed, "num_samples": synthetic_samples}
         return create_dataset(train.dataset, split, data_dir=train.data_dir, layout=train.layout, **options)
 
-    def build_model(self, train: VisionTrainConfig, num_classes: int) -> nn.Module:
-        return create_timm_model(train, num_classes)
+    def build_model(self, train: VisionTrainConfig, num_classes: int, device: torch.device | None = None) -> nn.Module:
+        model = create_timm_model(train, num_classes)
+        if train.quantize is not None:
+            quantize_model(model.to(device or "cpu"), train.quantize)
+        return model
 
     @staticmethod
     def data_config(train: VisionTrainConfig, model: nn.Module) -> dict[str, Any]:

@@ -63,6 +63,7 @@ class GRFTLayer(nn.Module):
     """
 
     _plain_types: tuple[type, ...] = ()
+    merge_may_fail = False  # the weight's format may be unable to store a merge (checked before every merge)
 
     def __init__(self, base_layer: nn.Module, state: GRFTState, name: str = "",
                  batch_layout: batch_context.BatchLayout = batch_context.BatchLayout()) -> None:
@@ -87,10 +88,23 @@ class GRFTLayer(nn.Module):
                     keep_float32: bool = True) -> Update:
         """Add the update of adapter ``name`` with the given chosen entries (zero at creation)."""
         base = self.base_layer
-        update = create_update(structure, base.weight, indices, groups=getattr(base, "groups", 1),
+        update = create_update(structure, self._update_template(), indices, groups=getattr(base, "groups", 1),
                                train_bias=train_bias and base.bias is not None, keep_float32=keep_float32)
         self.grft_updates[name] = update
         return update
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The base weight's logical shape (``[out, in]`` or ``[out, in/g, kh, kw]``)."""
+        return tuple(self.base_layer.weight.shape)
+
+    def _update_template(self) -> torch.Tensor:
+        """What an update is made from: a tensor of the weight's shape, dtype and device."""
+        return self.base_layer.weight
+
+    def _current_weight(self) -> torch.Tensor:
+        """The weight the base layer computes with now (what is written included)."""
+        return self.base_layer.weight
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``'s update (restoring whatever of it is written)."""
@@ -270,7 +284,7 @@ class GRFTLayer(nn.Module):
 
         Materialises a dense tensor; the wrapper's own forward never calls this on the channel paths.
         """
-        base = self.base_layer.weight
+        base = self._current_weight()
         batch = None if self.grft_state.disabled else batch_context.current(self.grft_state)
         if batch is None:  # what is written plus the live update
             update = self._live_update()

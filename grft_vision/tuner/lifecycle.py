@@ -102,7 +102,8 @@ def merge_adapter(model: nn.Module, safe: bool = False) -> None:
     train): unmerge first.
 
     Args:
-        safe: check every merged weight for NaN/inf before writing anything; raise naming the layer.
+        safe: check every merged weight for NaN/inf before writing anything; raise naming the layer. Quantized
+            layers are always checked (a merge they cannot store is refused before anything is written).
 
     Raises:
         AdapterError: no adapter is active, a context is open, or (``safe``) merging gives non-finite weights
@@ -112,12 +113,16 @@ def merge_adapter(model: nn.Module, safe: bool = False) -> None:
     state.check_changeable("merge_adapter")
     if state.active is None:
         raise AdapterError("no adapter is active; call grft_vision.set_adapter(model, name) before merging.")
-    if safe:
-        for name, layer in grft_layers(model):
-            if layer.update is not None:
-                layer.check_finite(state.active, name)
+    for name, layer in grft_layers(model):  # layers whose format may refuse a merge are always checked first
+        if layer.update is not None and (safe or layer.merge_may_fail):
+            layer.check_finite(state.active, name)
     state.merged = True
-    sync_layers(model, rewrite=True)
+    try:
+        sync_layers(model, rewrite=True)
+    except BaseException:
+        state.merged = False
+        sync_layers(model)
+        raise
 
 
 def unmerge_adapter(model: nn.Module) -> None:

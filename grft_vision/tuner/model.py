@@ -22,6 +22,8 @@ from .anatomy import base_tensors, head_module_names, original_name
 from .layer import GRFTLayer, grft_layers, wrap_layer
 from .lifecycle import replace_module, set_adapter
 from .owned import own_tensor, owned_tensors, release_tensor
+from .quantized import is_quantized, quantized_format, quantized_layers
+from .quantized_layer import GRFTQuantizedLinear
 from .state import AdapterRecord, GRFTState, check_adapter_name, grft_state
 from .trainable import fully_trained_tensors, tracked_statistics
 
@@ -66,10 +68,13 @@ def inject(model: nn.Module, adapter_name: str, indices: Mapping[str, torch.Tens
     if state is None:
         state = GRFTState(requires_grad={name: p.requires_grad for name, p in base_tensors(model).items()})
     state.check_changeable("adding an adapter")
+    for _, layer in quantized_layers(model):  # wrapped or not: the backward pass runs through them all
+        quantized_format(layer).keep_trainable(layer)
     for name, layer_indices in indices.items():
         layer = model.get_submodule(name)
         if not isinstance(layer, GRFTLayer):
-            layer = wrap_layer(layer, state, name, _batch_layout(model, name))
+            wrapper = GRFTQuantizedLinear if is_quantized(layer) else wrap_layer
+            layer = wrapper(layer, state, name, _batch_layout(model, name))
             replace_module(model, name, layer)
         layer.add_adapter(adapter_name, structures[name], layer_indices, train_bias=config.train_bias,
                           keep_float32=config.autocast_adapter_dtype)

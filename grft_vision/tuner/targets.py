@@ -14,6 +14,7 @@ from torch import nn
 from ..config import GRFTConfig
 from ..errors import ConfigError
 from .anatomy import architecture_name, head_module_names, in_modules, logical_modules, matches_any
+from .quantized import weight_shape
 from .structures import STRUCTURES
 
 __all__ = ["find_target_layers", "check_targets"]
@@ -58,6 +59,6 @@ def check_targets(model: nn.Module, config: GRFTConfig) -> dict[str, nn.Module]:
     targets = find_target_layers(model, config)
     for name, layer in targets.items():
         structure = STRUCTURES.get(config.layer_structure(layer))
-        structure.resolve_count(config.k, tuple(layer.weight.shape), getattr(layer, "groups", 1), layer_name=name,
+        structure.resolve_count(config.k, weight_shape(layer), getattr(layer, "groups", 1), layer_name=name,
                                 clamp=config.clamp_k)
     return targets

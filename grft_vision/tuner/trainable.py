@@ -9,14 +9,17 @@ change in train mode even when the layer is frozen): the pre-trained values are 
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
 from ..config import GRFTConfig
-from .anatomy import base_tensors, grft_layers, in_modules, is_norm, logical_tensors, matches_any
+from .anatomy import (base_tensors, grft_layers, in_modules, is_norm, logical_tensors, matches_any,
+                      original_name)
 from .owned import owned_tensors
+from .quantized import quantized_layers, weight_numel
 
 __all__ = ["fully_trained_tensors", "tracked_statistics", "set_trainable", "adapter_parameters", "LayerReport",
            "TrainableReport", "trainable_parameters_report", "print_trainable_parameters", "get_nb_trainable_parameters"]
@@ -148,11 +151,12 @@ def trainable_parameters_report(model: nn.Module) -> TrainableReport:
         update = layer.update
         if update is None:
             continue
-        weight = layer.base_layer.weight
-        layers.append(LayerReport(name, type(layer.base_layer).__name__, update.structure, tuple(weight.shape),
+        shape = layer.weight_shape
+        layers.append(LayerReport(name, type(layer.base_layer).__name__, update.structure, shape,
                                   update.count, update.delta.numel() if update.delta.requires_grad else 0,
-                                  weight.numel()))
-    total = sum(tensor.numel() for tensor in base_tensors(model).values())
+                                  math.prod(shape)))
+    stored = {original_name(f"{name}.weight"): weight_numel(layer) for name, layer in quantized_layers(model)}
+    total = sum(stored.get(name, tensor.numel()) for name, tensor in base_tensors(model).items())
     trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
     active = getattr(getattr(model, "grft_state", None), "active", None)
     if active is not None:  # by the name of the tensor trained in full (a bias delta trains its layer's bias)
