@@ -8,9 +8,12 @@
 # the run, the commands), into docs/gpu/ (or --out-dir).
 #
 #   benchmarks/gpu_suite.sh                      # on the GPU machine, from the repository root or anywhere
+#   benchmarks/gpu_suite.sh --quick --out-dir D  # the same tables at reduced sizes, in a few minutes (ViT-B/16 at
+#                                                # batch 32; 4 layers of the Llama-3.2-1B configuration, batch
+#                                                # 4 x 256; 3 timed rounds): scripts/gpu_check.sh runs it
 #   benchmarks/gpu_suite.sh --tiny --out-dir D   # the same two commands at tiny sizes on the CPU (a check of
 #                                                # this script; tests/test_bench_llm_step_cost.py runs it)
-#   benchmarks/gpu_suite.sh --dry-run [--tiny]   # print the commands, run nothing
+#   benchmarks/gpu_suite.sh --dry-run [--quick | --tiny]   # print the commands, run nothing
 #
 # PYTHON names the interpreter (default: python), which needs `pip install -e ".[bench,llm]"`.
 set -euo pipefail
@@ -19,11 +22,13 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 python="${PYTHON:-python}"
 tiny=0
+quick=0
 dry_run=0
 out_dir=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --tiny) tiny=1 ;;
+        --quick) quick=1 ;;
         --dry-run) dry_run=1 ;;
         --out-dir) out_dir="$2"; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
@@ -32,6 +37,10 @@ while [ $# -gt 0 ]; do
     shift
 done
 
+if [ "$tiny" = 1 ] && [ "$quick" = 1 ]; then
+    echo "gpu_suite.sh: --tiny (CPU) and --quick (GPU) exclude each other" >&2
+    exit 2
+fi
 if [ "$tiny" = 1 ]; then
     # CPU, one thread, tiny models, two methods each: checks the wiring, measures nothing worth keeping
     out_dir="${out_dir:-${TMPDIR:-/tmp}/grft_gpu_suite_tiny}"
@@ -39,6 +48,13 @@ if [ "$tiny" = 1 ]; then
             --batch-size 2 --device cpu --threads 1 --repeats 1 --warmup 0 --methods floor grft-col)
     llm=(--preset tiny --dtype float32 --device cpu --threads 1 --batch-size 2 --seq-len 16
          --repeats 1 --warmup 0 --peak-steps 2 --methods floor grft-col)
+elif [ "$quick" = 1 ]; then
+    # the GPU tables' commands at reduced sizes: every method, fewer rounds, a 4-layer Llama-3.2-1B
+    out_dir="${out_dir:-$root/docs/gpu/quick}"
+    vision=(--model vit_base_patch16_224 --num-classes 47 --img-size 224 --batch-size 32 --device cuda
+            --repeats 3 --warmup 1)
+    llm=(--preset llama-3.2-1b --layers 4 --dtype bfloat16 --device cuda --batch-size 4 --seq-len 256
+         --repeats 3 --warmup 1 --peak-steps 2)
 else
     out_dir="${out_dir:-$root/docs/gpu}"
     vision=(--model vit_base_patch16_224 --num-classes 47 --img-size 224 --batch-size 64 --device cuda

@@ -7,17 +7,19 @@ trained on one random batch of token ids.
 
 Methods: the registry :data:`METHODS` (full fine-tuning; PEFT LoRA, r=8, on q/k/v/o/gate/up/down of every
 decoder layer; GRFT rows / columns / sparse entries on the same linears, k matched to LoRA's trainable count;
-the frozen floor; ``docs/benchmarks.md`` describes each). A new method is one registration::
+PEFT's sparse peers SHiRA and Super-Tuning on the same linears at grft-sparse's trainable count; the frozen
+floor; ``docs/benchmarks.md`` describes each). A new method is one registration::
 
     @METHODS.register("my-method", description="what it trains")
     def setup_my_method(model: nn.Module, context: SetupContext) -> Setup:
         ...  # model: a fresh copy of the Llama; return Setup(TokenLoss(model, task), optimizer, trainable)
 
 Figures per method: trainable parameters, FLOPs of forward + backward, bytes saved for backward, gradient
-and optimizer-state bytes, the **peak memory of the method in its own process** (a fresh Python process per
-method: peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA, over ``--peak-steps`` training steps
-after the setup), and the step time (median, methods interleaved in one process); every figure also as
-ratios to ``floor``, ``full`` and ``lora`` from the same run.
+and optimizer-state bytes, the bytes of the file it saves (GRFT: ``save_adapter``; PEFT methods:
+``save_pretrained``'s weights and config; ``full``: the whole model), the **peak memory of the method in its own
+process** (a fresh Python process per method: peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA, over
+``--peak-steps`` training steps after the setup), and the step time (median, methods interleaved in one
+process); every figure also as ratios to ``floor``, ``full`` and ``lora`` from the same run.
 
 Run as a script (CPU default: about 110 M parameters, hidden 768, 12 layers, batch 4 x 256 tokens)::
 
@@ -43,28 +45,31 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from safetensors.torch import save_model
 from torch import nn
 
 from benchkit.cli import add_step_cost_arguments
 from benchkit.compare import add_ratios, check_timer, time_interleaved, torch_threads
-from benchkit.memory import ADAM_BYTES_PER_PARAM, MB, trainable_bytes
+from benchkit.memory import ADAM_BYTES_PER_PARAM, MB, file_bytes, trainable_bytes
+from benchkit.peers import peer_checks, peer_counts_markdown, peft_peer, peft_save
 from benchkit.registry import MethodRegistry
 from benchkit.report import (check, command_line, device_name, exit_status, fmt, fmt_ratio, load_average,
                              load_average_line, markdown_table, progress_logger, publish, step_detail_markdown,
                              targets_markdown)
 from benchkit.step import Setup, StepCostMethod, instrumented_step, profile_step, train_step
 from benchkit.trainable import adam, trainable_parameters
-from grft_vision import GRFTConfig, apply_grft, trainable_parameters_report
+from grft_vision import GRFTConfig, apply_grft, save_adapter, trainable_parameters_report
 from llm_memory import LLAMA_3_2_1B, LlamaShape
 
 __all__ = ["SetupContext", "METHODS", "PRESETS", "LORA_TARGETS", "Workload", "TokenLoss", "build_model", "make_batch",
-           "adapted_linears", "matching_k", "matched_ks", "measure", "peak_memory_of", "check_targets", "to_markdown",
-           "run", "main"]
+           "adapted_linears", "matching_k", "matched_ks", "sparse_trainable", "measure", "peak_memory_of",
+           "check_targets", "to_markdown", "run", "main"]
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRESETS = {
@@ -182,16 +187,23 @@ class SetupContext:
 
     workload: Workload
     k: int | None = None  # GRFT: the k nearest LoRA's trainable count (:func:`matching_k`); None otherwise
+    sparse_k: int | None = None  # grft-sparse's k: SHiRA and Super-Tuning match its trainable count
 
 
 METHODS: MethodRegistry[StepCostMethod] = MethodRegistry(StepCostMethod)
+
+
+def _save_full(model: nn.Module, path: Path) -> Path:
+    path = path.with_suffix(".safetensors")
+    save_model(model, str(path))
+    return path
 
 
 @METHODS.register("full", description="full fine-tuning, Adam over every parameter")
 def setup_full(model: nn.Module, context: SetupContext) -> Setup:
     model.requires_grad_(True)
     return Setup(TokenLoss(model, context.workload.task), adam(model, context.workload.lr),
-                 sum(p.numel() for p in model.parameters()))
+                 sum(p.numel() for p in model.parameters()), save=lambda path: _save_full(model, path))
 
 
 @METHODS.register("lora", description="PEFT LoRA r=8 on q/k/v/o/gate/up/down of every decoder layer",
@@ -206,7 +218,7 @@ def setup_lora(model: nn.Module, context: SetupContext) -> Setup:
                         target_modules=targets, modules_to_save=heads)
     model = get_peft_model(model, config)
     count = sum(p.numel() for p in trainable_parameters(model))
-    return Setup(TokenLoss(model, workload.task), adam(model, workload.lr), count,
+    return Setup(TokenLoss(model, workload.task), adam(model, workload.lr), count, save=peft_save(model),
                  notes=[f"LoRA on {len(targets)} linears"])
 
 
@@ -223,7 +235,8 @@ def grft_setup(structure: str) -> Callable[[nn.Module, SetupContext], Setup]:
         model = apply_grft(model, scores, config)
         del scores
         return Setup(TokenLoss(model, workload.task), adam(model, workload.lr),
-                     trainable_parameters_report(model).trainable, notes=[f"k={context.k}"])
+                     trainable_parameters_report(model).trainable, notes=[f"k={context.k}"],
+                     save=lambda path: save_adapter(model, path.with_suffix(".safetensors")))
 
     return setup
 
@@ -234,6 +247,47 @@ for _name, _structure, _description in (
         ("grft-sparse", "sparse",
          "grft_vision structure='sparse' on the same linears, k entries per row matching LoRA's count")):
     METHODS.register(_name, description=_description, structure=_structure)(grft_setup(_structure))
+
+
+def _heads(workload: Workload) -> list[str] | None:
+    """The modules trained whole besides the adapted linears: the classifier's ``score`` head (``classify``)."""
+    return ["score"] if workload.task == "classify" else None
+
+
+def sparse_trainable(layers: dict[str, nn.Linear], sparse_k: int, model: nn.Module, workload: Workload) -> int:
+    """grft-sparse's trainable count: ``sparse_k`` entries per row of every adapted linear (Llama's linears have no
+    bias) and the head it trains whole (``classify``)."""
+    head = sum(p.numel() for name in _heads(workload) or () for p in model.get_submodule(name).parameters())
+    return sparse_k * sum(layer.out_features for layer in layers.values()) + head
+
+
+def peer_setup(peer: str) -> Callable[[nn.Module, SetupContext], Setup]:
+    """The setup of a PEFT sparse peer (``benchkit.peers``) on :func:`adapted_linears`, at the trainable count
+    nearest grft-sparse's (``context.sparse_k``)."""
+
+    def setup(model: nn.Module, context: SetupContext) -> Setup:
+        workload = context.workload
+        if context.sparse_k is None:
+            raise ValueError(f"{peer} matches grft-sparse's trainable count: the context needs its k (sparse_k)")
+        layers = adapted_linears(model)
+        count = sparse_trainable(layers, context.sparse_k, model, workload)
+        model, details = peft_peer(model, peer, sorted(layers), count, _heads(workload), seed=workload.seed)
+        trainable = sum(p.numel() for p in trainable_parameters(model))
+        setting = (f"r={details['shira_r']}" if peer == "shira"
+                   else f"sparsity={details['supertuning_sparsity']:.6f}")
+        notes = [f"{peer} {setting} on {len(layers)} linears: {trainable:,} trainable against grft-sparse's "
+                 f"{count:,} ({trainable / count:.3f} x; the count moves in steps of up to {details['count_step']:,})"]
+        return Setup(TokenLoss(model, workload.task), adam(model, workload.lr), trainable, save=peft_save(model),
+                     notes=notes, details=details)
+
+    return setup
+
+
+for _name, _description in (
+        ("shira", "PEFT SHiRA: r(in+out) random entries of the same linears, r nearest grft-sparse's count"),
+        ("supertuning", "PEFT Super-Tuning: the largest-magnitude entries of the same linears at the sparsity "
+                        "nearest grft-sparse's count")):
+    METHODS.register(_name, description=_description, imports=(f"peft.tuners.{_name}",))(peer_setup(_name))
 
 
 @METHODS.register("floor", description="all frozen, backward of the loss to the input embeddings (no weight gradients)")
@@ -250,7 +304,7 @@ def matched_ks(layers: dict[str, nn.Linear], lora_count: int) -> dict[str, int]:
 
 
 def _build(method: str, model: nn.Module, workload: Workload, ks: dict[str, int]) -> Setup:
-    return METHODS[method].build(model, SetupContext(workload, ks.get(method)))
+    return METHODS[method].build(model, SetupContext(workload, ks.get(method), ks.get("grft-sparse")))
 
 
 # --------------------------------------------------------------------------------------------- peak memory
@@ -418,7 +472,7 @@ def _measure(workload: Workload, methods: Sequence[str], *, repeats: int, warmup
             "requires_grad_params": sum(p.numel() for p in trainable_parameters(setup.model)),
             "trainable_tensor_bytes": tensor_bytes, "total_params": total, "k": ks.get(name),
             "lora_adapter_params": lora_count, "adapted_linears": len(layers), **figures,
-            **peaks.get(name, {"peak_memory_bytes": None}), "notes": list(setup.notes),
+            **peaks.get(name, {"peak_memory_bytes": None}), **setup.details, "notes": list(setup.notes),
         }
     del base
     for name, figures in time_interleaved(setups, input_ids, labels, warmup=warmup, repeats=repeats, timer=timer,
@@ -428,6 +482,10 @@ def _measure(workload: Workload, methods: Sequence[str], *, repeats: int, warmup
         for name in methods:
             log(f"profile {name}")
             rows[name]["profile_s"] = profile_step(setups[name], input_ids, labels)
+    with tempfile.TemporaryDirectory() as folder:
+        for name in methods:
+            save = setups[name].save
+            rows[name]["file_bytes"] = None if save is None else file_bytes(save(Path(folder) / name))
     del setups
     add_ratios(rows, ("floor", "full", "lora"),
                {"flops": "flops", "saved": "saved_bytes", "time": "step_time_s", "peak": "peak_memory_bytes"})
@@ -462,7 +520,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ratio = col.get("time_vs_lora")
         if ratio is not None:
             checks.append(check("step time grft-col / lora", ratio, "<= 0.90", ratio <= 0.90))
-    return checks
+    return checks + peer_checks(by)
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -493,15 +551,17 @@ def to_markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]] | None 
     """The figures as markdown: the main table, the step detail, the ratios in the peers' terms, the checks."""
     lines = _meta_lines(meta) if meta else []
     header = ["method", "trainable", "k", "GFLOPs fwd+bwd", "× floor", "saved MB", "× floor", "grad MB",
-              "opt state MB", "peak MB", "× full", "× lora", "step s", "× floor", "× full", "× lora"]
+              "opt state MB", "file MB", "peak MB", "× full", "× lora", "step s", "× floor", "× full", "× lora"]
     body = [[row["method"], f"{row['trainable_params']:,}", "–" if row["k"] is None else str(row["k"]),
              fmt(row["flops"], 1, 1e9), fmt_ratio(row.get("flops_vs_floor")), fmt(row["saved_bytes"], 1, MB),
              fmt_ratio(row.get("saved_vs_floor")), fmt(row["grad_bytes"], 2, MB),
-             fmt(row["optimizer_state_bytes"], 2, MB), fmt(row["peak_memory_bytes"], 0, MB),
+             fmt(row["optimizer_state_bytes"], 2, MB), fmt(row.get("file_bytes"), 2, MB),
+             fmt(row["peak_memory_bytes"], 0, MB),
              fmt_ratio(row.get("peak_vs_full")), fmt_ratio(row.get("peak_vs_lora")), fmt(row["step_time_s"], 3),
              fmt_ratio(row.get("time_vs_floor")), fmt_ratio(row.get("time_vs_full")),
              fmt_ratio(row.get("time_vs_lora"))] for row in rows]
     lines += markdown_table(header, body)
+    lines += peer_counts_markdown(rows)
     lines += step_detail_markdown(rows)
     lines += ["", "In the peers' terms (S2FT: full / method; PaCA: method / LoRA):", ""]
     lines += markdown_table(["method", "full / method, peak memory", "full / method, step time",

@@ -1,8 +1,8 @@
 """Cost of one training step of every fine-tuning method, side by side, for one model and one batch.
 
 Methods: the registry :data:`METHODS` (full fine-tuning, GPS's dense masking, GRFT rows / columns / sparse
-entries, PEFT LoRA, a linear probe and the frozen floor; ``docs/benchmarks.md`` describes each). A new method
-is one registration::
+entries, PEFT LoRA, PEFT's sparse peers SHiRA and Super-Tuning at grft-sparse's trainable count, a linear probe
+and the frozen floor; ``docs/benchmarks.md`` describes each). A new method is one registration::
 
     @METHODS.register("my-method", description="what it trains")
     def setup_my_method(model: nn.Module, context: SetupContext) -> Setup:
@@ -43,7 +43,8 @@ from torch import nn
 from benchkit.cli import add_step_cost_arguments
 from benchkit.compare import add_ratios, check_timer, time_interleaved, torch_threads
 from benchkit.flops import inference_flops
-from benchkit.memory import ADAM_BYTES_PER_PARAM, MB
+from benchkit.memory import ADAM_BYTES_PER_PARAM, MB, file_bytes
+from benchkit.peers import peer_checks, peer_counts_markdown, peft_peer, peft_save
 from benchkit.registry import MethodRegistry
 from benchkit.report import (check, command_line, device_name, exit_status, fmt, fmt_ratio, load_average,
                              load_average_line, markdown_table, progress_logger, publish, step_detail_markdown,
@@ -67,6 +68,12 @@ class SetupContext:
     k: int  # rows / columns / entries per row of the GRFT and GPS methods
     lora_rank: int
     lr: float  # Adam's learning rate
+    seed: int = 0  # the run's seed (SHiRA's random positions)
+    clamp_k: bool = False  # k larger than a layer's units takes them all (GRFTConfig.clamp_k)
+
+    def grft_config(self, structure: str) -> GRFTConfig:
+        """The GRFT config of the run's GRFT and GPS methods with ``structure``."""
+        return GRFTConfig(structure=structure, k=self.k, clamp_k=self.clamp_k)
 
 
 METHODS: MethodRegistry[StepCostMethod] = MethodRegistry(StepCostMethod)
@@ -102,7 +109,7 @@ def setup_gps_dense(model: nn.Module, context: SetupContext) -> Setup:
     The mask and the set of fully trained tensors are taken from a ``structure='sparse'`` GRFT wrap of the
     same scores, so gps-dense and grft-sparse update exactly the same entries.
     """
-    reference = apply_grft(copy.deepcopy(model), context.scores, GRFTConfig(structure="sparse", k=context.k))
+    reference = apply_grft(copy.deepcopy(model), context.scores, context.grft_config("sparse"))
     index_of = {f"{name}.weight": layer.indices for name, layer in reference.named_modules()
                 if isinstance(layer, GRFTLayer)}
     fully = set(trainable_parameters_report(reference).fully_trainable)
@@ -140,7 +147,7 @@ def grft_setup(structure: str) -> Callable[[nn.Module, SetupContext], Setup]:
     """The setup of GRFT with ``structure``: ``apply_grft`` with the random scores, k per weight."""
 
     def setup(model: nn.Module, context: SetupContext) -> Setup:
-        model = apply_grft(model, context.scores, GRFTConfig(structure=structure, k=context.k))
+        model = apply_grft(model, context.scores, context.grft_config(structure))
         report = trainable_parameters_report(model)
         counted = sum(p.numel() for p in trainable_parameters(model))
         notes = [] if counted == report.trainable else [
@@ -158,25 +165,60 @@ for _name, _structure, _description in (
     METHODS.register(_name, description=_description, structure=_structure)(grft_setup(_structure))
 
 
+def _peft_targets(model: nn.Module, method: str) -> list[str]:
+    """The linears PEFT's methods adapt (:data:`VIT_LORA_TARGETS` outside the head); an error when there are none."""
+    targets = vit_lora_targets(model)
+    if not targets:
+        raise ValueError(f"no nn.Linear named {VIT_LORA_TARGETS} in the model for {method}")
+    return targets
+
+
 @METHODS.register("lora", description="PEFT LoRA r=8 on qkv/proj/fc1/fc2, head trained")
 def setup_lora(model: nn.Module, context: SetupContext) -> Setup:
     from peft import LoraConfig, get_peft_model
 
-    targets = vit_lora_targets(model)
-    if not targets:
-        raise ValueError(f"no nn.Linear named {VIT_LORA_TARGETS} in the model for LoRA")
+    targets = _peft_targets(model, "LoRA")
     config = LoraConfig(r=context.lora_rank, lora_alpha=context.lora_rank, lora_dropout=0.0, bias="none",
                         target_modules=targets, modules_to_save=head_module_names(model))
     model = get_peft_model(model, config)
     count = sum(p.numel() for p in trainable_parameters(model))
-
-    def save(path: Path) -> list[Path]:
-        model.save_pretrained(str(path))
-        # what loading needs: the weights and the config (the generated README.md model card is left out)
-        return [path / "adapter_model.safetensors", path / "adapter_config.json"]
-
-    return Setup(model, adam(model, context.lr), count, save=save,
+    return Setup(model, adam(model, context.lr), count, save=peft_save(model),
                  notes=[f"LoRA on {len(targets)} linears; file = adapter_model.safetensors + adapter_config.json"])
+
+
+def grft_sparse_trainable(model: nn.Module, context: SetupContext) -> int:
+    """grft-sparse's trainable count on ``model`` with the run's scores and k (a wrap of a copy: the entries, the
+    biases of the targeted layers, the patch embedding's entries and the head, as ``grft-sparse`` trains them)."""
+    reference = apply_grft(copy.deepcopy(model), context.scores, context.grft_config("sparse"))
+    return trainable_parameters_report(reference).trainable
+
+
+def peer_setup(peer: str) -> Callable[[nn.Module, SetupContext], Setup]:
+    """The setup of a PEFT sparse peer (``benchkit.peers``) on LoRA's linears, the head trained whole, at the
+    trainable count nearest grft-sparse's in the same run."""
+
+    def setup(model: nn.Module, context: SetupContext) -> Setup:
+        targets = _peft_targets(model, peer)
+        model, details = peft_peer(model, peer, targets, grft_sparse_trainable(model, context),
+                                   head_module_names(model), seed=context.seed)
+        count = sum(p.numel() for p in trainable_parameters(model))
+        setting = (f"r={details['shira_r']}" if peer == "shira"
+                   else f"sparsity={details['supertuning_sparsity']:.6f}")
+        notes = [f"{peer} {setting} on {len(targets)} linears: {count:,} trainable against grft-sparse's "
+                 f"{details['count_target']:,} ({count / details['count_target']:.3f} x; the count moves in steps "
+                 f"of up to {details['count_step']:,}); file = adapter_model.safetensors + adapter_config.json"]
+        return Setup(model, adam(model, context.lr), count, save=peft_save(model),
+                     extra_bytes=details["shira_index_bytes"], notes=notes, details=details)
+
+    return setup
+
+
+for _name, _description in (
+        ("shira", "PEFT SHiRA: r(in+out) random entries of qkv/proj/fc1/fc2, r nearest grft-sparse's count, head "
+                  "trained"),
+        ("supertuning", "PEFT Super-Tuning: the largest-magnitude entries of qkv/proj/fc1/fc2 at the sparsity "
+                        "nearest grft-sparse's count, head trained")):
+    METHODS.register(_name, description=_description, imports=(f"peft.tuners.{_name}",))(peer_setup(_name))
 
 
 @METHODS.register("head", description="linear probe: classifier only, no backprop into the backbone")
@@ -202,14 +244,6 @@ def setup_floor(model: nn.Module, context: SetupContext) -> Setup:
 
 
 # --------------------------------------------------------------------------------------------- measure
-def _file_bytes(path: Path | list[Path]) -> int:
-    if isinstance(path, list):
-        return sum(_file_bytes(p) for p in path)
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
 def measure(
     model_name: str = "vit_base_patch16_224",
     *,
@@ -230,6 +264,7 @@ def measure(
     timer: str = "wall",
     threads: int | None = None,
     compile: bool = False,
+    clamp_k: bool = False,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Measure every method on one model and one batch; one dict of figures per method, in ``methods`` order
@@ -247,7 +282,8 @@ def measure(
     ``compile=True`` every method's timed (and profiled) steps run its ``torch.compile``-d model (inductor; the
     warm-up rounds compile it, so keep ``warmup >= 2``), so the ratios are to the compiled floor; FLOPs, bytes
     and files are those of the eager model. Ratios to ``floor`` and ``full`` are filled in when those methods
-    are part of the run.
+    are part of the run. ``clamp_k=True`` lets a k larger than a layer's rows / columns / entries per row take
+    all of them (a ViT's patch embedding has 3 input channels: columns with k > 3 need it).
     """
     methods = METHODS.names() if methods is None else methods
     METHODS.check(methods)
@@ -256,7 +292,7 @@ def measure(
         return _measure(model_name, num_classes=num_classes, img_size=img_size, batch_size=batch_size,
                         methods=methods, repeats=repeats, warmup=warmup, k=k, lora_rank=lora_rank, lr=lr,
                         seed=seed, device=device, model_kwargs=model_kwargs, save_dir=save_dir,
-                        profile=profile, timer=timer, compile=compile, progress=progress)
+                        profile=profile, timer=timer, compile=compile, clamp_k=clamp_k, progress=progress)
 
 
 def _base_model(model_name: str, num_classes: int, img_size: int, model_kwargs: dict[str, Any] | None,
@@ -272,7 +308,7 @@ def _base_model(model_name: str, num_classes: int, img_size: int, model_kwargs: 
 def _measure(model_name: str, *, num_classes: int, img_size: int, batch_size: int, methods: Sequence[str],
              repeats: int, warmup: int, k: int, lora_rank: int, lr: float, seed: int,
              device: str | torch.device, model_kwargs: dict[str, Any] | None,
-             save_dir: str | os.PathLike | None, profile: bool, timer: str, compile: bool,
+             save_dir: str | os.PathLike | None, profile: bool, timer: str, compile: bool, clamp_k: bool,
              progress: bool) -> list[dict[str, Any]]:
     log = progress_logger("step_cost", progress)
     device = torch.device(device)
@@ -281,7 +317,7 @@ def _measure(model_name: str, *, num_classes: int, img_size: int, batch_size: in
     generator = torch.Generator().manual_seed(seed + 1)
     images = torch.randn(batch_size, 3, img_size, img_size, generator=generator).to(device)
     labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
-    context = SetupContext(random_scores(base, seed), k, lora_rank, lr)
+    context = SetupContext(random_scores(base, seed), k, lora_rank, lr, seed, clamp_k)
     total_params = sum(p.numel() for p in base.parameters())
     plain_flops, plain_by_op = inference_flops(base, images)
 
@@ -300,6 +336,7 @@ def _measure(model_name: str, *, num_classes: int, img_size: int, batch_size: in
             "total_params": total_params,
             **figures,
             "extra_resident_bytes": setup.extra_bytes,
+            **setup.details,
             "notes": list(setup.notes),
         }
 
@@ -321,7 +358,7 @@ def _measure(model_name: str, *, num_classes: int, img_size: int, batch_size: in
         folder.mkdir(parents=True, exist_ok=True)
         for name in methods:
             save = setups[name].save
-            rows[name]["file_bytes"] = None if save is None else _file_bytes(save(folder / name))
+            rows[name]["file_bytes"] = None if save is None else file_bytes(save(folder / name))
 
     # merged inference: the same FLOPs as the plain model
     for name in methods:
@@ -398,7 +435,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      and row["merged_is_plain"])
             checks.append(check(f"inference FLOPs after merge_grft ({name}) == plain model",
                                 row["merged_inference_flops"], f"== {row['plain_inference_flops']}", equal))
-    return checks
+    return checks + peer_checks(by)
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -424,7 +461,8 @@ def to_markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]] | None 
              fmt(row["optimizer_state_bytes"], 2, MB), fmt(row["file_bytes"], 2, MB),
              fmt(row["step_time_s"], 3), fmt_ratio(row.get("time_vs_floor")), fmt_ratio(row.get("time_vs_full"))]
             + ([fmt(row.get("peak_memory_bytes"), 0, MB)] if cuda else []) for row in rows]
-    lines = (_meta_lines(meta) if meta else []) + markdown_table(header, body) + step_detail_markdown(rows)
+    lines = ((_meta_lines(meta) if meta else []) + markdown_table(header, body) + peer_counts_markdown(rows)
+             + step_detail_markdown(rows))
     if checks:
         lines += targets_markdown(checks)
     return "\n".join(lines) + "\n"
@@ -438,7 +476,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    methods=args.methods, repeats=args.repeats, warmup=args.warmup, k=args.k,
                    lora_rank=args.lora_rank, seed=args.seed, device=device, model_kwargs=args.model_kwargs,
                    save_dir=args.save_dir, profile=args.profile, timer=args.timer, threads=args.threads,
-                   compile=args.compile, progress=not args.quiet)
+                   compile=args.compile, clamp_k=args.clamp_k, progress=not args.quiet)
     checks = check_targets(rows)
     import peft  # version only
 
@@ -446,6 +484,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model, "model_kwargs": args.model_kwargs, "num_classes": args.num_classes,
         "img_size": args.img_size,
         "batch_size": args.batch_size, "repeats": args.repeats, "warmup": args.warmup, "k": args.k,
+        "clamp_k": args.clamp_k,
         "total_params": rows[0]["total_params"], "device": str(device), "device_name": device_name(device),
         "torch": torch.__version__, "timm": timm.__version__, "peft": peft.__version__,
         "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -471,6 +510,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 64 on CUDA")
     parser.add_argument("--k", type=int, default=1, help="rows / columns / entries per row")
+    parser.add_argument("--clamp-k", action="store_true",
+                        help="a k larger than a layer's units takes them all (columns of a ViT's 3-channel patch "
+                             "embedding with k > 3)")
     parser.add_argument("--save-dir", default=None, help="keep the adapter/checkpoint files here")
     parser.add_argument("--compile", action="store_true",
                         help="time every method under torch.compile (inductor); ratios to the compiled floor")

@@ -64,6 +64,23 @@ def test_trainable_counts(rows):
         assert abs(row["k"] * unit - lora) <= unit / 2  # the k nearest LoRA's count
 
 
+def test_peers_match_grft_sparse_trainable_count(rows):
+    """SHiRA and Super-Tuning adapt the same linears, at the count nearest grft-sparse's (here exactly reachable
+    for SHiRA: LoRA's r=8 count, r (in + out) per layer, is grft-sparse's k=16 x out)."""
+    sparse = rows["grft-sparse"]["trainable_params"]
+    shira, supertuning = rows["shira"], rows["supertuning"]
+    for row in (shira, supertuning):
+        assert row["count_target"] == sparse and row["k"] is None
+        assert row["trainable_params"] == row["requires_grad_params"]
+    assert shira["shira_r"] == 8 and shira["trainable_params"] == sparse == rows["lora"]["trainable_params"]
+    assert shira["count_step"] == _unit("row", TINY.shape) + _unit("column", TINY.shape)  # sum(in + out)
+    sparsity = supertuning["supertuning_sparsity"]
+    numels = TINY.shape.layers * [out * inp for out, inp in TINY.shape.linear_shapes()]
+    assert supertuning["trainable_params"] == sum(int(n * (1 - sparsity)) for n in numels)
+    assert supertuning["count_step"] == 7 * TINY.shape.layers
+    assert abs(supertuning["trainable_params"] - sparse) <= supertuning["count_step"] / 2
+
+
 def test_matching_k_is_the_nearest_count_within_the_dimensions():
     layers = {"a": nn.Linear(10, 30), "b": nn.Linear(20, 40)}  # rows hold 10 + 20, columns 30 + 40 parameters
     assert llm_step_cost.matching_k(layers, "row", 100) == 3  # 90 is nearer 100 than 120
@@ -75,7 +92,7 @@ def test_matching_k_is_the_nearest_count_within_the_dimensions():
 
 
 def test_gradient_and_adam_bytes_are_12_bytes_per_trainable_parameter(rows):
-    for method in ("lora", "grft-row", "grft-col", "grft-sparse", "full"):
+    for method in ("lora", "grft-row", "grft-col", "grft-sparse", "shira", "supertuning", "full"):
         row = rows[method]
         count = row["trainable_params"]
         moments = row["optimizer_state_bytes"] - row["optimizer_step_scalar_bytes"]
@@ -92,9 +109,17 @@ def test_flops_full_minus_floor_is_the_weight_gradients(rows):
     floor, full = rows["floor"], rows["full"]
     assert full["forward_flops"] == floor["forward_flops"]
     assert full["backward_flops"] - floor["backward_flops"] == weight_gradients
-    for method in ("lora", "grft-row", "grft-col", "grft-sparse"):
+    for method in ("lora", "grft-row", "grft-col", "grft-sparse", "shira", "supertuning"):
         assert rows[method]["flops"] < full["flops"]
         assert rows[method]["forward_flops"] >= floor["forward_flops"]
+    # the peers compute the dense gradient of every adapted weight (they add their entries into a dense copy of
+    # it): full computes besides only the LM head's weight gradient and the input gradients of the first layer's
+    # q/k/v, which nothing before them needs in the peers
+    lm_head = 2 * TOKENS * TINY.shape.hidden * TINY.shape.vocab
+    first_qkv = sum(2 * TOKENS * inp * out for out, inp in TINY.shape.linear_shapes()[:3])
+    for peer in ("shira", "supertuning"):
+        assert rows[peer]["forward_flops"] == floor["forward_flops"]
+        assert full["flops"] - rows[peer]["flops"] == lm_head + first_qkv
 
 
 def test_saved_bytes(rows):
@@ -102,6 +127,30 @@ def test_saved_bytes(rows):
     # columns keep the k chosen input channels of each linear, rows its whole input
     assert saved["floor"] < saved["grft-col"] < saved["grft-row"] <= saved["full"]
     assert saved["lora"] > saved["grft-col"]  # LoRA's A needs every adapted layer's whole input
+    for peer in ("shira", "supertuning"):  # the inputs and the dense weight copies they multiply with
+        assert saved[peer] > saved["full"] > saved["grft-sparse"]
+
+
+def test_files(rows):
+    assert rows["floor"]["file_bytes"] is None
+    full = rows["full"]["file_bytes"]
+    assert full >= 4 * rows["full"]["total_params"]  # every parameter in fp32 (the tied head once)
+    for method in ("lora", "grft-row", "grft-col", "grft-sparse", "shira", "supertuning"):
+        assert 4 * rows[method]["trainable_params"] <= rows[method]["file_bytes"] < full
+
+
+def test_peer_checks(rows):
+    checks = {check["target"]: check for check in llm_step_cost.check_targets(list(rows.values()))}
+    for peer in ("shira", "supertuning"):
+        count = next(check for name, check in checks.items() if name.startswith(f"trainable {peer} = grft-sparse's"))
+        assert count["passed"] is True
+        for label in ("FLOPs", "saved-for-backward bytes", "gradient + Adam moment bytes", "file bytes", "step time"):
+            check = checks[f"{label} grft-sparse / {peer}"]
+            assert check["passed"] == (check["value"] <= 1.0)
+        assert checks[f"FLOPs grft-sparse / {peer}"]["passed"] is True
+        assert checks[f"saved-for-backward bytes grft-sparse / {peer}"]["passed"] is True
+    for name in ("grft-row", "grft-col"):
+        assert checks[f"step time {name} / lora (issue 24)"]["value"] == pytest.approx(rows[name]["time_vs_lora"])
 
 
 def test_target_checks(rows):
@@ -140,11 +189,14 @@ def test_peak_memory_of_each_method_in_its_own_process():
 
 def test_classifier_head_trains_in_lora_and_grft():
     workload = dataclasses.replace(TINY, task="classify", num_classes=3)
-    rows = {row["method"]: row for row in llm_step_cost.measure(workload, ["lora", "grft-col", "floor"], repeats=1,
-                                                                warmup=0, threads=1, peak_steps=0)}
+    rows = {row["method"]: row for row in llm_step_cost.measure(
+        workload, ["lora", "grft-col", "grft-sparse", "shira", "supertuning", "floor"], repeats=1, warmup=0, threads=1,
+        peak_steps=0)}
     head = workload.shape.hidden * 3  # the score head: hidden x classes, no bias
     assert rows["lora"]["trainable_params"] == rows["lora"]["lora_adapter_params"] + head
     assert rows["grft-col"]["trainable_params"] == rows["grft-col"]["k"] * _unit("column", workload.shape) + head
+    assert rows["shira"]["trainable_params"] == rows["grft-sparse"]["trainable_params"] == rows["shira"]["count_target"]
+    assert rows["supertuning"]["count_target"] == rows["grft-sparse"]["trainable_params"]
     assert rows["floor"]["trainable_params"] == 0
     assert all(check["passed"] for check in llm_step_cost.check_targets(list(rows.values()))
                if check["target"].startswith("grad + Adam"))
@@ -175,7 +227,7 @@ def test_script_entry_point_writes_json_and_markdown(tmp_path, capsys):
     assert data["meta"]["shape"]["hidden"] == 64 and data["meta"]["seq_len"] == 8
     assert data["targets"] == report["targets"]
     text = md.read_text()
-    assert "| grft-col |" in text and "In the peers' terms" in text and "| target |" in text
+    assert "| grft-col |" in text and "In the peers' terms" in text and "| target |" in text and "file MB" in text
     assert text in capsys.readouterr().out
 
 
@@ -186,7 +238,7 @@ def _suite(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           **kwargs)
 
 
-@pytest.mark.parametrize("mode", [(), ("--tiny",)])
+@pytest.mark.parametrize("mode", [(), ("--quick",), ("--tiny",)])
 def test_gpu_suite_commands_are_valid(mode, tmp_path):
     done = _suite("--dry-run", *mode, "--out-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr
@@ -202,6 +254,14 @@ def test_gpu_suite_commands_are_valid(mode, tmp_path):
         assert workload.shape == llm_step_cost.LLAMA_3_2_1B and (workload.device, workload.dtype) == ("cuda",
                                                                                                     "bfloat16")
         assert llm_args.methods == list(llm_step_cost.METHODS) and llm_args.peak_steps >= 2
+    if mode == ("--quick",):  # scripts/gpu_check.sh's: the same tables, smaller and fewer rounds
+        assert vision_args.device == llm_args.device == "cuda" and vision_args.methods == list(step_cost.METHODS)
+        assert vision_args.batch_size < 64 and llm_step_cost.workload_from_args(llm_args).shape.layers == 4
+
+
+def test_gpu_suite_quick_and_tiny_exclude_each_other():
+    done = _suite("--quick", "--tiny", "--dry-run")
+    assert done.returncode == 2 and "exclude each other" in done.stderr
 
 
 def test_gpu_suite_refuses_a_machine_without_cuda(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from conftest import load_benchmark
 
 step_cost = load_benchmark("step_cost")
+peers = load_benchmark("benchkit.peers")
 
 # one torch thread: a tiny model gains nothing from more, and a shared machine's cores then cost no spin-waits
 TINY = dict(num_classes=5, img_size=32, batch_size=2, repeats=2, warmup=1, model_kwargs={"depth": 2}, threads=1)
@@ -63,7 +64,51 @@ def test_trainable_counts(rows):
     assert rows["lora"]["trainable_params"] == lora
 
 
-@pytest.mark.parametrize("method", ["grft-row", "grft-col", "grft-sparse", "lora", "head"])
+def test_peers_match_grft_sparse_trainable_count(rows):
+    """SHiRA and Super-Tuning sit on LoRA's linears with the head trained whole, at the count nearest grft-sparse's."""
+    sparse = rows["grft-sparse"]["trainable_params"]
+    head = 192 * 5 + 5
+    shira, supertuning = rows["shira"], rows["supertuning"]
+    for row in (shira, supertuning):
+        assert row["count_target"] == sparse
+        assert row["trainable_params"] == row["requires_grad_params"]
+    # SHiRA: r (in + out) entries per linear, one integer r; 2 * 3,072 per unit of r here, so r = 1 (7,109) is the
+    # nearest grft-sparse's 8,261 (r = 2 would give 13,253): an unavoidable difference of 1,152
+    per_rank = 2 * ((192 + 576) + (192 + 192) + (192 + 768) + (768 + 192))
+    assert shira["count_step"] == per_rank and shira["shira_r"] == 1
+    assert shira["trainable_params"] == per_rank + head
+    assert abs(shira["trainable_params"] - sparse) <= per_rank / 2
+    # Super-Tuning: int(numel (1 - sparsity)) entries per linear: within half a jump (<= 8 linears) of the target
+    numels = 2 * [192 * 576, 192 * 192, 192 * 768, 768 * 192]
+    sparsity = supertuning["supertuning_sparsity"]
+    assert supertuning["trainable_params"] == sum(int(n * (1 - sparsity)) for n in numels) + head
+    assert abs(supertuning["trainable_params"] - sparse) <= supertuning["count_step"] / 2 == 4
+    # SHiRA keeps its positions in a plain dict (int32 [2, entries]), resident besides the model's tensors
+    assert shira["extra_resident_bytes"] == 8 * per_rank and supertuning["extra_resident_bytes"] == 0
+
+
+def test_peer_counts_are_the_nearest_reachable():
+    from torch import nn
+
+    layers = [nn.Linear(10, 30), nn.Linear(20, 40)]  # r: 40 + 60 = 100 entries per unit of r
+    assert peers.shira_count(layers, 2) == 200
+    assert peers.shira_rank(layers, 240) == 2 and peers.shira_rank(layers, 260) == 3
+    assert peers.shira_rank(layers, 10) == 1  # at least 1
+    assert peers.shira_rank(layers, 10**6) == 7  # r (in + out) <= in * out in every layer: 7 * 40 <= 300
+    # Super-Tuning: numels 300 and 800; every count reachable with an entry in each layer (a fine grid of
+    # sparsities passes every step: two steps are at least 1/2400 apart)
+    reachable = {peers.supertuning_count(layers, d / 20000) for d in range(20000)
+                 if int(300 * (1 - d / 20000)) >= 1}
+    assert min(reachable) == 3  # one entry of the small layer, two of the large one
+    for budget in (0, 1, 2, 17, 250, 333, 999, 1099):
+        sparsity = peers.supertuning_sparsity(layers, budget)
+        count = peers.supertuning_count(layers, sparsity)
+        assert abs(count - budget) == min(abs(c - budget) for c in reachable), budget
+        assert all(int(layer.weight.numel() * (1 - sparsity)) >= 1 for layer in layers)
+    assert peers.supertuning_sparsity(layers, 1100) == peers.supertuning_sparsity(layers, 5000) == 0.0
+
+
+@pytest.mark.parametrize("method", ["grft-row", "grft-col", "grft-sparse", "lora", "shira", "supertuning", "head"])
 def test_small_methods_carry_no_dense_buffer(rows, method):
     row = rows[method]
     trainable = row["trainable_params"]
@@ -89,6 +134,15 @@ def test_flops_order(rows):
         assert rows[method]["forward_flops"] >= rows["floor"]["forward_flops"]
     # column updates read k inputs: the forward adds exactly out*k MACs per token and layer
     assert rows["grft-col"]["forward_flops"] > rows["floor"]["forward_flops"]
+    # the peers add their entries into a dense copy of each weight: its whole [out, in] gradient is computed, as in
+    # full fine-tuning; full computes besides only the patch embedding's weight gradient and the input gradient of
+    # the first qkv (nothing before it requires grad in the peers)
+    batch, patches = TINY["batch_size"], (TINY["img_size"] // 16) ** 2
+    patch_weight_gradient = 2 * batch * patches * 192 * 3 * 16 * 16
+    first_qkv_input_gradient = 2 * batch * (patches + 1) * 192 * 576
+    for peer in ("shira", "supertuning"):
+        assert rows[peer]["forward_flops"] == rows["floor"]["forward_flops"]
+        assert full - rows[peer]["flops"] == patch_weight_gradient + first_qkv_input_gradient
 
 
 def test_saved_bytes(rows):
@@ -99,6 +153,12 @@ def test_saved_bytes(rows):
     assert rows["gps-dense"]["saved_bytes"] == rows["full"]["saved_bytes"]
     # rows need every full input (x @ delta^T), columns only the k chosen input channels
     assert rows["grft-col"]["saved_bytes"] < rows["grft-row"]["saved_bytes"]
+    # the peers keep the inputs and the dense weight copies they multiply with (every targeted weight but the first
+    # qkv's, whose input needs no gradient): more than full fine-tuning keeps
+    weights = 4 * (2 * (192 * 576 + 192 * 192 + 2 * 192 * 768) - 192 * 576)
+    for peer in ("shira", "supertuning"):
+        assert rows[peer]["saved_bytes"] >= weights
+        assert rows[peer]["saved_bytes"] > rows["full"]["saved_bytes"] > rows["grft-sparse"]["saved_bytes"] / 2
 
 
 def test_files(rows):
@@ -106,7 +166,7 @@ def test_files(rows):
     full = rows["full"]["file_bytes"]
     assert full > 4 * rows["full"]["total_params"]  # every parameter in fp32, plus the safetensors header
     assert rows["gps-dense"]["file_bytes"] == full
-    for method in ("grft-row", "grft-col", "grft-sparse", "lora", "head"):
+    for method in ("grft-row", "grft-col", "grft-sparse", "lora", "shira", "supertuning", "head"):
         assert 4 * rows[method]["trainable_params"] <= rows[method]["file_bytes"] < full
     assert rows["gps-dense"]["extra_resident_bytes"] > 0  # the dense bool mask
 
@@ -134,11 +194,35 @@ def test_target_checks_cover_figures(rows, checks):
     assert sparse["value"] == rows["grft-sparse"]["saved_bytes"] and sparse["passed"] is True
 
 
+def test_peer_checks_compare_grft_sparse_on_every_figure(rows, checks):
+    for peer in ("shira", "supertuning"):
+        count = next(check for name, check in checks.items() if name.startswith(f"trainable {peer} = grft-sparse's"))
+        assert count["value"] == rows[peer]["trainable_params"] and count["passed"] is True
+        for label, key in (("FLOPs", "flops"), ("saved-for-backward bytes", "saved_bytes"),
+                           ("file bytes", "file_bytes"), ("step time", "step_time_s")):
+            check = checks[f"{label} grft-sparse / {peer}"]
+            assert check["value"] == pytest.approx(rows["grft-sparse"][key] / rows[peer][key])
+            assert check["passed"] == (check["value"] <= 1.0)
+        assert checks[f"gradient + Adam moment bytes grft-sparse / {peer}"]["value"] == pytest.approx(
+            rows["grft-sparse"]["trainable_params"] / rows[peer]["trainable_params"])
+        assert f"peak memory grft-sparse / {peer}" not in checks  # no peak on the CPU
+        # less dense work and fewer saved bytes than a peer that builds the dense weight (any size)
+        assert checks[f"FLOPs grft-sparse / {peer}"]["passed"] is True
+        assert checks[f"saved-for-backward bytes grft-sparse / {peer}"]["passed"] is True
+    for name in ("grft-row", "grft-col"):
+        check = checks[f"step time {name} / lora (issue 24)"]
+        assert check["value"] == pytest.approx(rows[name]["step_time_s"] / rows["lora"]["step_time_s"])
+        assert check["limit"] == "<= 0.85"
+
+
 def test_markdown_and_script_json(rows, checks, tmp_path):
     table = step_cost.to_markdown(list(rows.values()), list(checks.values()))
     for method in step_cost.METHODS:
         assert f"| {method} |" in table
     assert "| target | measured | limit | result |" in table
+    shira = rows["shira"]
+    assert (f"- `shira` at r = 1: {shira['trainable_params']:,} trainable against grft-sparse's "
+            f"{rows['grft-sparse']['trainable_params']:,}") in table
 
 
 def test_script_entry_point_writes_json(tmp_path, capsys):

@@ -1,16 +1,18 @@
-"""Bytes a training step holds: saved for backward, optimizer state, resident and trainable tensors.
+"""Bytes a training step holds: saved for backward, optimizer state, resident and trainable tensors; and the
+bytes of the files a method writes.
 
 Every figure is in bytes; :data:`MB` (10^6 bytes) is the unit of the tables.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import nn
 
 __all__ = ["MB", "FP32_BYTES", "ADAM_BYTES_PER_PARAM", "unique_bytes", "SavedTensorBytes", "optimizer_state_bytes",
-           "trainable_bytes"]
+           "trainable_bytes", "file_bytes"]
 
 MB = 1e6
 FP32_BYTES = 4
@@ -37,7 +39,8 @@ class SavedTensorBytes:
     Convention: each storage counts once (its full ``nbytes``, so views of a larger activation count the
     activation), and storages of the model's own parameters and buffers (frozen weights, GRFT deltas and
     indices, which autograd saves by reference and which exist whether or not anything trains) are left
-    out. Everything else counts: activations, masks, the input batch when an op keeps it.
+    out. Everything else counts: activations, masks, the input batch when an op keeps it; a sparse COO tensor
+    counts the storages of its indices and values.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -46,10 +49,12 @@ class SavedTensorBytes:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key not in self._exclude:
-            self._seen.setdefault(key, storage.nbytes())
+        # a sparse COO tensor (SHiRA's update) has no storage of its own: its indices and values count
+        for part in (tensor._indices(), tensor._values()) if tensor.layout == torch.sparse_coo else (tensor,):
+            storage = part.untyped_storage()
+            key = storage.data_ptr()
+            if key not in self._exclude:
+                self._seen.setdefault(key, storage.nbytes())
         return tensor
 
     @property
@@ -81,3 +86,12 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> tuple[int,
 def trainable_bytes(model: nn.Module) -> int:
     """Bytes of the parameters of ``model`` that require grad."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def file_bytes(path: Path | list[Path]) -> int:
+    """Bytes of the file ``path``, of every file below a folder, or the sum over a list of such paths."""
+    if isinstance(path, list):
+        return sum(file_bytes(p) for p in path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size

@@ -48,6 +48,7 @@ class Setup:
     extra_bytes: int = 0  # resident tensors the method needs besides model and optimizer (GPS masks)
     notes: list[str] = field(default_factory=list)
     compiled: nn.Module | None = None  # torch.compile(model), used by the timed steps when set
+    details: dict[str, Any] = field(default_factory=dict)  # method-specific figures copied into the method's row
 
     @property
     def forward_model(self) -> nn.Module:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear_rows", "linear_columns", "linear_sparse", "patch_sparse"]
+__all__ = ["linear_rows", "linear_columns", "linear_sparse", "sparse_map", "patch_sparse"]
 
 _SLOT_BUDGET = 1 << 22  # elements of the [rows, out, slots] block the sparse path gathers at once
 
@@ -156,6 +156,30 @@ class _LinearSparse(torch.autograd.Function):
         return _cast_to(ctx, (grad_x, grad_weight, grad_bias, None, grad_delta))
 
 
+class _SparseMap(torch.autograd.Function):
+    """The sparse update's contribution alone, ``[..., out]`` (added to an output computed elsewhere: a mixed
+    batch's shared base output, a quantized layer's own output). Saves ``x`` only, like the fused layer."""
+
+    @staticmethod
+    def forward(ctx, x, indices, delta):
+        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, indices, delta)
+        ctx.input_dtypes, ctx.input_shape = [x.dtype, None, delta.dtype], x.shape
+        flat_x = _flat(x)
+        flat_y = flat_x.new_zeros(len(flat_x), indices.shape[0], dtype=torch.promote_types(x.dtype, delta.dtype))
+        _add_sparse(flat_y, flat_x, indices, delta)
+        return flat_y.view(*x.shape[:-1], indices.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, indices, delta = ctx.saved_tensors
+        flat_gy = _flat(gy)
+        flat_grad_x = flat_gy.new_zeros(len(flat_gy), ctx.input_shape[-1]) if ctx.needs_input_grad[0] else None
+        grad_delta = _sparse_grads(flat_gy, None if x is None else _flat(x), indices, delta, flat_grad_x,
+                                   ctx.needs_input_grad[2])
+        grad_x = None if flat_grad_x is None else flat_grad_x.view(ctx.input_shape)
+        return tuple(None if g is None else g.to(t) for g, t in zip((grad_x, None, grad_delta), ctx.input_dtypes))
+
+
 def _patches(x: torch.Tensor, kernel: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
     """``[N, C, H, W]`` -> ``[N * rows * cols, C * kh * kw]``: the non-overlapping kernel-sized patches of a
     ``rows x cols`` grid, each flattened as a convolution weight's ``[C, kh, kw]``."""
@@ -218,6 +242,12 @@ def linear_sparse(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``F.linear(x, weight, bias)`` plus, for every output o, ``sum_j x[..., indices[o, j]] * delta[o, j]``
     (indices and delta ``[out, k]``)."""
     return _LinearSparse.apply(x, weight, bias, indices, delta)
+
+
+def sparse_map(x: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """For every output o, ``sum_j x[..., indices[o, j]] * delta[o, j]``: ``[..., out]`` (indices and delta
+    ``[out, k]``), nothing ``[..., out, k]`` kept for the backward pass."""
+    return _SparseMap.apply(x, indices, delta)
 
 
 def patch_sparse(x: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor, kernel: tuple[int, int],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fused import linear_sparse, patch_sparse
+from ..fused import linear_sparse, patch_sparse, sparse_map
 from .base import ConvFn, LayerGeometry, Update, register_structure
 
 __all__ = ["SparseUpdate"]
@@ -60,6 +60,4 @@ class SparseUpdate(Update):
         if self.is_conv:  # a patchifying convolution: a sparse linear map of each non-overlapping patch
             update = patch_sparse(x, self.indices, self.delta, self.weight_shape[2:], y.shape[2:])
             return y.add_(update.to(y.dtype))
-        # x[..., indices] is [..., out, k]; each output sums its own k chosen inputs (autograd keeps it: the
-        # training forward uses linear_forward, which does not)
-        return y.add_(torch.einsum("...ok,ok->...o", x[..., self.indices], self.delta.to(x.dtype)).to(y.dtype))
+        return y.add_(sparse_map(x, self.indices, self.delta).to(y.dtype))
