@@ -3,7 +3,9 @@
 #   1. the vision step cost (benchmarks/step_cost.py): ViT-B/16, 224 px, batch 64, every method, fp32;
 #   2. the LLM step cost (benchmarks/llm_step_cost.py): the Llama-3.2-1B configuration (random weights from its
 #      config, no download) in bf16, causal-LM loss, batch 8 x 512 tokens, every method, with the peak
-#      torch.cuda.max_memory_allocated of each method in its own process.
+#      torch.cuda.max_memory_allocated of each method in its own process;
+#   3. the same LLM workload with the decoder linears in nf4 (bitsandbytes): floor, QLoRA and GRFT rows / columns /
+#      sparse on the 4-bit base (llm_step_cost.py --quantize nf4).
 # It writes JSON and markdown for each, and environment.txt (date, commit, GPU, versions, the GPU's load before
 # the run, the commands), into docs/gpu/ (or --out-dir).
 #
@@ -11,7 +13,7 @@
 #   benchmarks/gpu_suite.sh --quick --out-dir D  # the same tables at reduced sizes, in a few minutes (ViT-B/16 at
 #                                                # batch 32; 4 layers of the Llama-3.2-1B configuration, batch
 #                                                # 4 x 256; 3 timed rounds): scripts/gpu_check.sh runs it
-#   benchmarks/gpu_suite.sh --tiny --out-dir D   # the same two commands at tiny sizes on the CPU (a check of
+#   benchmarks/gpu_suite.sh --tiny --out-dir D   # the same three commands at tiny sizes on the CPU (a check of
 #                                                # this script; tests/test_bench_llm_step_cost.py runs it)
 #   benchmarks/gpu_suite.sh --dry-run [--quick | --tiny]   # print the commands, run nothing
 #
@@ -66,10 +68,21 @@ vision_cmd=("$python" "$here/step_cost.py" "${vision[@]}"
             --out "$out_dir/step_cost.json" --markdown "$out_dir/step_cost.md")
 llm_cmd=("$python" "$here/llm_step_cost.py" "${llm[@]}"
          --out "$out_dir/llm_step_cost.json" --markdown "$out_dir/llm_step_cost.md")
+# the same LLM workload on a 4-bit base: QLoRA beside GRFT (--methods, where given, lists methods of the base run);
+# not in --quick, whose whole check must stay within 8 minutes (tests/test_cuda.py checks 4-bit layers on CUDA)
+qllm=()
+for arg in "${llm[@]}"; do
+    [ "$arg" = "--methods" ] && break
+    qllm+=("$arg")
+done
+qllm_cmd=("$python" "$here/llm_step_cost.py" "${qllm[@]}" --quantize nf4
+          --out "$out_dir/llm_step_cost_nf4.json" --markdown "$out_dir/llm_step_cost_nf4.md")
+[ "$quick" = 1 ] && qllm_cmd=()
 
 if [ "$dry_run" = 1 ]; then
     printf '%q ' "${vision_cmd[@]}"; echo
     printf '%q ' "${llm_cmd[@]}"; echo
+    [ ${#qllm_cmd[@]} -eq 0 ] || { printf '%q ' "${qllm_cmd[@]}"; echo; }
     exit 0
 fi
 if [ "$tiny" = 0 ] && ! "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -92,8 +105,10 @@ mkdir -p "$out_dir"
     echo "commands:"
     printf '%q ' "${vision_cmd[@]}"; echo
     printf '%q ' "${llm_cmd[@]}"; echo
+    [ ${#qllm_cmd[@]} -eq 0 ] || { printf '%q ' "${qllm_cmd[@]}"; echo; }
 } > "$out_dir/environment.txt"
 
 "${vision_cmd[@]}"
 "${llm_cmd[@]}"
+[ ${#qllm_cmd[@]} -eq 0 ] || "${qllm_cmd[@]}"
 echo "gpu_suite.sh: results in $out_dir"

@@ -24,6 +24,7 @@ process); every figure also as ratios to ``floor``, ``full`` and ``lora`` from t
 Run as a script (CPU default: about 110 M parameters, hidden 768, 12 layers, batch 4 x 256 tokens)::
 
     python benchmarks/llm_step_cost.py --threads 1 --timer cpu --out llm_step_cost.json --markdown llm_step_cost.md
+    python benchmarks/llm_step_cost.py --quantize nf4 --threads 1 --timer cpu   # QLoRA vs GRFT on a 4-bit base
     python benchmarks/llm_step_cost.py --preset llama-3.2-1b --device cuda --dtype bfloat16 --batch-size 8 --seq-len 512
 
 or call :func:`measure`, :func:`check_targets` and :func:`to_markdown` from Python. Needs
@@ -65,6 +66,7 @@ from benchkit.report import (check, command_line, device_name, exit_status, fmt,
 from benchkit.step import Setup, StepCostMethod, instrumented_step, profile_step, train_step
 from benchkit.trainable import adam, trainable_parameters
 from grft_vision import GRFTConfig, apply_grft, save_adapter, trainable_parameters_report
+from grft_vision.tuner.quantized import QUANT_TYPES, quantize_model, weight_shape
 from llm_memory import LLAMA_3_2_1B, LlamaShape
 
 __all__ = ["SetupContext", "METHODS", "PRESETS", "LORA_TARGETS", "Workload", "TokenLoss", "build_model", "make_batch",
@@ -98,12 +100,15 @@ class Workload:
     lora_rank: int = 8
     lr: float = 1e-4
     seed: int = 0
+    quantize: str | None = None  # the decoder layers' linears in bitsandbytes 4/8 bits (QLoRA); head, embeddings kept
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r} must be one of {', '.join(TASKS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
+        if self.quantize is not None and self.quantize not in QUANT_TYPES:
+            raise ValueError(f"quantize={self.quantize!r} must be one of {', '.join(QUANT_TYPES)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Workload":
@@ -141,6 +146,8 @@ def build_model(workload: Workload) -> nn.Module:
     factory = AutoModelForCausalLM if workload.task == "causal-lm" else AutoModelForSequenceClassification
     with torch.device(workload.device):
         model = factory.from_config(config, dtype=DTYPES[workload.dtype])
+    if workload.quantize is not None:  # what QLoRA quantizes: every decoder linear, never the head
+        quantize_model(model, workload.quantize, compute_dtype=DTYPES[workload.dtype], skip_modules=["lm_head", "score"])
     return model.to(workload.device).train()
 
 
@@ -229,7 +236,7 @@ def grft_setup(structure: str) -> Callable[[nn.Module, SetupContext], Setup]:
         workload = context.workload
         layers = adapted_linears(model)
         generator = torch.Generator(device=workload.device).manual_seed(workload.seed)
-        scores = {f"{layer_name}.weight": torch.rand(layer.weight.shape, generator=generator, device=workload.device)
+        scores = {f"{layer_name}.weight": torch.rand(weight_shape(layer), generator=generator, device=workload.device)
                   for layer_name, layer in layers.items()}
         config = GRFTConfig(structure=structure, k=context.k, target_modules=sorted(layers))
         model = apply_grft(model, scores, config)
@@ -295,6 +302,10 @@ def setup_floor(model: nn.Module, context: SetupContext) -> Setup:
     model.requires_grad_(False)
     model.enable_input_require_grads()  # the embedding output requires grad: backward runs down to it
     return Setup(TokenLoss(model, context.workload.task), None, 0)
+
+
+# what trains on a quantized base: LoRA is then QLoRA (PEFT on bitsandbytes layers), GRFT adds to the quantized layers
+QUANTIZED_METHODS = ("floor", "lora", "grft-row", "grft-col", "grft-sparse")
 
 
 def matched_ks(layers: dict[str, nn.Linear], lora_count: int) -> dict[str, int]:
@@ -429,8 +440,12 @@ def measure(workload: Workload, methods: Sequence[str] | None = None, *, repeats
     (``benchkit.compare.time_interleaved``; ``timer`` 'wall' or 'cpu'). Ratios to ``floor``, ``full`` and ``lora``
     are added for the methods in the run. GRFT's k per structure is the one nearest LoRA's adapter count.
     """
-    methods = METHODS.names() if methods is None else methods
+    methods = (QUANTIZED_METHODS if workload.quantize else METHODS.names()) if methods is None else methods
     METHODS.check(methods)
+    refused = [name for name in methods if workload.quantize and name not in QUANTIZED_METHODS]
+    if refused:
+        raise ValueError(f"--quantize keeps the base frozen in {workload.quantize}: {', '.join(refused)} cannot train on "
+                         f"it (the methods that can: {', '.join(QUANTIZED_METHODS)})")
     check_timer(timer)
     if peak_steps == 1 or peak_steps < 0:
         raise ValueError(f"peak_steps={peak_steps} must be 0 (skip) or at least 2 (Adam's moments exist from step 2)")
@@ -534,7 +549,9 @@ def _meta_lines(meta: dict[str, Any]) -> list[str]:
     lines = [f"Llama (hidden {shape['hidden']}, {shape['layers']} layers, {shape['heads']} heads / {shape['kv_heads']} "
              f"KV heads, intermediate {shape['intermediate']}, vocab {shape['vocab']}, tied embeddings; "
              f"{meta['total_params']:,} params), {meta['task']}, batch {meta['batch_size']} x {meta['seq_len']} "
-             f"tokens, {meta['dtype']} on {meta['device_name']}, {meta['torch_threads']} torch thread(s); step time = "
+             f"tokens, {meta['dtype']}" + (f" with the decoder linears in {meta['quantize']} (bitsandbytes)"
+                                          if meta.get("quantize") else "")
+             + f" on {meta['device_name']}, {meta['torch_threads']} torch thread(s); step time = "
              f"median {timer} seconds of {meta['repeats']} steps after {meta['warmup']} warm-up rounds; "
              f"torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}, {meta['date']}"]
     if meta.get("peak_memory_kind"):
@@ -588,6 +605,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta = {
         "shape": dataclasses.asdict(workload.shape), "task": workload.task, "batch_size": workload.batch_size,
         "seq_len": workload.seq_len, "num_classes": workload.num_classes, "dtype": workload.dtype,
+        "quantize": workload.quantize,
         "device": workload.device, "device_name": device_name(torch.device(workload.device)),
         "lora_rank": workload.lora_rank, "seed": workload.seed, "total_params": rows[0]["total_params"],
         "repeats": args.repeats, "warmup": args.warmup, "timer": args.timer,
@@ -616,7 +634,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     shape = dataclasses.replace(PRESETS[args.preset], **sizes)
     return Workload(shape, batch_size=args.batch_size, seq_len=args.seq_len, task=args.task,
                     num_classes=args.num_classes, dtype=args.dtype, device=args.device, lora_rank=args.lora_rank,
-                    lr=args.lr, seed=args.seed)
+                    lr=args.lr, seed=args.seed, quantize=args.quantize)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -637,11 +655,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-steps", type=int, default=2,
                         help="training steps of each method's own process for its peak memory (0: skip)")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--quantize", choices=QUANT_TYPES, default=None,
+                        help="keep the decoder layers' linears in bitsandbytes 4/8 bits (QLoRA); the methods then "
+                             f"default to {', '.join(QUANTIZED_METHODS)}")
     add_step_cost_arguments(parser, METHODS)
     parser.add_argument("--peak-memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
+    if args.quantize and args.methods == list(METHODS.names()):  # not chosen: those that train on a quantized base
+        args.methods = list(QUANTIZED_METHODS)
     return args
 
 

@@ -242,9 +242,15 @@ def _suite(*args: str, **kwargs) -> subprocess.CompletedProcess:
 def test_gpu_suite_commands_are_valid(mode, tmp_path):
     done = _suite("--dry-run", *mode, "--out-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr
-    vision, llm = (shlex.split(line) for line in done.stdout.strip().splitlines())
+    vision, llm, *quantized = (shlex.split(line) for line in done.stdout.strip().splitlines())
     assert Path(vision[1]).name == "step_cost.py" and Path(llm[1]).name == "llm_step_cost.py"
     vision_args, llm_args = step_cost.parse_args(vision[2:]), llm_step_cost.parse_args(llm[2:])
+    assert len(quantized) == (0 if mode == ("--quick",) else 1)  # --quick stays within gpu_check.sh's 8 minutes
+    if quantized:  # the same workload on a 4-bit base, QLoRA beside GRFT
+        quantized_args = llm_step_cost.parse_args(quantized[0][2:])
+        assert quantized_args.quantize == "nf4" and quantized_args.methods == list(llm_step_cost.QUANTIZED_METHODS)
+        assert dataclasses.replace(llm_step_cost.workload_from_args(quantized_args), quantize=None) \
+            == llm_step_cost.workload_from_args(llm_args)
     assert Path(vision_args.out).parent == Path(llm_args.out).parent == tmp_path
     assert vision_args.markdown.endswith(".md") and llm_args.markdown.endswith(".md")
     if not mode:  # the GPU tables: ViT-B/16 at batch 64, the Llama-3.2-1B configuration in bf16, all methods
@@ -285,3 +291,15 @@ def test_gpu_suite_runs_in_tiny_mode_on_the_cpu(tmp_path):
     assert all(row["peak_memory_bytes"] > 0 for row in llm["methods"])
     assert "| grft-col |" in (tmp_path / "llm_step_cost.md").read_text()
     assert "commands:" in (tmp_path / "environment.txt").read_text()
+    quantized = json.loads((tmp_path / "llm_step_cost_nf4.json").read_text())
+    assert [row["method"] for row in quantized["methods"]] == list(llm_step_cost.QUANTIZED_METHODS)
+
+
+def test_quantized_base_runs_qlora_and_grft_and_refuses_what_cannot_train():
+    workload = dataclasses.replace(TINY, quantize="nf4")
+    rows = {row["method"]: row for row in llm_step_cost.measure(workload, **RUN, peak_steps=0)}
+    assert list(rows) == list(llm_step_cost.QUANTIZED_METHODS)
+    assert rows["grft-col"]["trainable_params"] == rows["lora"]["trainable_params"]  # k matched to QLoRA's count
+    assert all(rows[name]["file_bytes"] > 0 for name in ("lora", "grft-row", "grft-col", "grft-sparse"))
+    with pytest.raises(ValueError, match="full cannot train on it"):
+        llm_step_cost.measure(workload, ["floor", "full"], **RUN, peak_steps=0)

@@ -29,6 +29,7 @@ gradient only when it requires one (the mask schedules score a wrapped model thr
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -36,6 +37,8 @@ import torch.nn.functional as F
 
 __all__ = ["linear_rows", "linear_columns", "linear_sparse", "sparse_map", "patch_sparse"]
 
+# torch marks CSR tensors as beta on every first use; the one made here is internal and checked by construction
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
 _SLOT_BUDGET = 1 << 22  # elements of the [rows, out, slots] block the sparse path gathers at once
 
 
@@ -139,10 +142,40 @@ def _sparse_grads(flat_gy: torch.Tensor, flat_x: torch.Tensor | None, indices: t
     return grad_delta
 
 
+def _folds(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The sparse entries can be added into a copy of the weight: fp32 throughout, no autocast (in half
+    precision an entry smaller than the weight's rounding step would vanish from the sum)."""
+    return x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+
+
+def _with_entries(weight: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``weight + scatter(delta)``, a new tensor (the frozen weight itself is never written)."""
+    return weight.clone().scatter_add_(1, indices, delta.to(weight.dtype))
+
+
+def _sampled_grad(flat_gy: torch.Tensor, flat_x: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor
+                  ) -> torch.Tensor:
+    """``d delta[o, j] = sum over rows of gy[:, o] * x[:, indices[o, j]]`` (``[out, k]``, gy's dtype): the product
+    ``gy^T x`` sampled at the chosen entries only (an SDDMM, ``torch.sparse.sampled_addmm``), never dense.
+    Under ``torch.compile``, which cannot trace sparse tensors, the gather form (that inductor fuses)."""
+    if torch.compiler.is_compiling():
+        return _sparse_grads(flat_gy, flat_x, indices, delta, None, True)
+    out, count = indices.shape
+    ordered, order = indices.sort(dim=1)  # CSR wants each row's columns ascending
+    rows = torch.arange(0, out * count + 1, count, device=indices.device)
+    pattern = torch.sparse_csr_tensor(rows, ordered.reshape(-1), flat_gy.new_zeros(out * count),
+                                      (out, flat_x.shape[1]), check_invariants=False)  # valid by construction
+    values = torch.sparse.sampled_addmm(pattern, flat_gy.t(), flat_x.to(flat_gy.dtype), beta=0.0).values()
+    return torch.empty_like(values.view(out, count)).scatter_(1, order, values.view(out, count))
+
+
 class _LinearSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, indices, delta):
         _save(ctx, (x, weight, bias, indices, delta), x if _needs_x(ctx) else None, weight, indices, delta)
+        ctx.fold = _folds(x, weight)
+        if ctx.fold:  # the GEMM the frozen layer runs anyway, on a copy of the weight with the entries added
+            return F.linear(x, _with_entries(weight, indices, delta), bias)
         y = F.linear(x, weight, bias)
         _add_sparse(_flat(y), _flat(x), indices, delta)
         return y
@@ -150,9 +183,15 @@ class _LinearSparse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, weight, indices, delta = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = _frozen_parts(ctx, gy, weight, x)
-        grad_delta = _sparse_grads(_flat(gy), None if x is None else _flat(x), indices, delta,
-                                   None if grad_x is None else _flat(grad_x), ctx.needs_input_grad[4])
+        if not ctx.fold:
+            grad_x, grad_weight, grad_bias = _frozen_parts(ctx, gy, weight, x)
+            grad_delta = _sparse_grads(_flat(gy), None if x is None else _flat(x), indices, delta,
+                                       None if grad_x is None else _flat(grad_x), ctx.needs_input_grad[4])
+            return _cast_to(ctx, (grad_x, grad_weight, grad_bias, None, grad_delta))
+        grad_x = gy.matmul(_with_entries(weight, indices, delta)) if ctx.needs_input_grad[0] else None
+        grad_weight = _flat(gy).t().mm(_flat(x)) if ctx.needs_input_grad[1] else None
+        grad_bias = _flat(gy).sum(0) if ctx.needs_input_grad[2] else None
+        grad_delta = _sampled_grad(_flat(gy), _flat(x), indices, delta) if ctx.needs_input_grad[4] else None
         return _cast_to(ctx, (grad_x, grad_weight, grad_bias, None, grad_delta))
 
 
