@@ -12,16 +12,21 @@ structure  forward                                            saved for backward
 =========  =================================================  ==========================================
 rows       ``y = x W^T + b``; ``y[..., idx] += x delta^T``    ``x`` (``d delta = gy[..., idx]^T x``)
 columns    ``y = x W^T + b + x[..., idx] delta^T``            ``x[..., idx]``, ``[..., k]`` only
-sparse     ``y_o = (x W^T + b)_o + sum_j x[..., idx[o, j]]    ``x``; the gathered inputs are recomputed
-           delta[o, j]``, slot by slot, nothing ``[..., out,  slot by slot in the backward pass
-           k]`` kept
+sparse     fp32: ``y = x (W + scatter(delta))^T + b``, the       ``x``
+           frozen layer's own GEMM on a copy of ``W`` with
+           the k entries per row added; otherwise ``y_o +=
+           sum_j x[..., idx[o, j]] delta[o, j]`` slot by slot
 =========  =================================================  ==========================================
 
 and in the backward pass ``dx = gy W`` with the update's part added into the same tensor in place
-(``addmm_`` / ``index_add_``), ``d delta`` for the chosen entries only, and ``db = sum gy``. What remains
-over the frozen layer alone cannot go: the update's own small matmuls (forward, ``dx`` and ``d delta``:
-``3 x M x k x in`` multiply-adds for M rows), the bias gradient's pass over ``gy``, and for rows and sparse
-the saved input, which ``d delta`` needs.
+(``addmm_`` / ``index_add_``; sparse in fp32: ``gy (W + scatter(delta))``, the copy made again), ``d delta``
+for the chosen entries only (sparse: ``gy^T x`` sampled at them, ``torch.sparse.sampled_addmm``), and ``db =
+sum gy``. What remains over the frozen layer alone cannot go: the update's own small matmuls (forward, ``dx``
+and ``d delta``: ``3 x M x k x in`` multiply-adds for M rows; sparse: two copies of ``W`` and the sampled
+product), the bias gradient's pass over ``gy``, and for rows and sparse the saved input, which ``d delta``
+needs. The fp32 sparse form is exact at zero update (``W + 0``); with half-precision weights, autocast or
+TF32 matmuls an entry below the weight's rounding step would vanish from ``W + delta``, so those keep the
+gather form (nothing ``[..., out, k]`` kept: the gathered inputs are recomputed in the backward pass).
 
 Mixed precision: like autocast, the backward pass computes in the dtype of the incoming gradient and casts
 each gradient to the dtype of its input (fp32 masters get fp32 gradients). The frozen weight gets a
@@ -143,9 +148,11 @@ def _sparse_grads(flat_gy: torch.Tensor, flat_x: torch.Tensor | None, indices: t
 
 
 def _folds(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The sparse entries can be added into a copy of the weight: fp32 throughout, no autocast (in half
-    precision an entry smaller than the weight's rounding step would vanish from the sum)."""
-    return x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+    """The sparse entries can be added into a copy of the weight: fp32 throughout, no autocast, fp32 matmuls at
+    full precision (in half precision, or TF32 / bf16 matmuls, an entry smaller than the weight's rounding step
+    would vanish from the sum)."""
+    return (x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+            and torch.get_float32_matmul_precision() == "highest")
 
 
 def _with_entries(weight: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
