@@ -21,6 +21,7 @@ from .tuner.lifecycle import (delete_adapter, disable_adapter, list_adapters, me
                               unmerge_adapter)
 from .tuner.mixed import mixed_adapters
 from .tuner.model import merge_and_unload, merge_grft, unload, unload_grft
+from .tuner.quantized import quantize_model
 from .tuner.regularization import L2ToPretrained
 from .tuner.trainable import (TrainableReport, adapter_parameters, get_nb_trainable_parameters,
                               print_trainable_parameters, trainable_parameters_report)
@@ -57,6 +58,7 @@ __all__ = [
     "merge_grft",
     "mixed_adapters",
     "print_trainable_parameters",
+    "quantize_model",
     "save_adapter",
     "save_pretrained",
     "set_adapter",
