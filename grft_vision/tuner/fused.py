@@ -150,9 +150,10 @@ def _sparse_grads(flat_gy: torch.Tensor, flat_x: torch.Tensor | None, indices: t
 def _folds(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The sparse entries can be added into a copy of the weight: fp32 throughout, no autocast, fp32 matmuls at
     full precision (in half precision, or TF32 / bf16 matmuls, an entry smaller than the weight's rounding step
-    would vanish from the sum)."""
-    return (x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
-            and torch.get_float32_matmul_precision() == "highest")
+    would vanish from the sum). Not under ``torch.compile``, which fuses the gather form and cannot trace the
+    sparse product of the backward pass."""
+    return (not torch.compiler.is_compiling() and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type) and torch.get_float32_matmul_precision() == "highest")
 
 
 def _with_entries(weight: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -160,13 +161,9 @@ def _with_entries(weight: torch.Tensor, indices: torch.Tensor, delta: torch.Tens
     return weight.clone().scatter_add_(1, indices, delta.to(weight.dtype))
 
 
-def _sampled_grad(flat_gy: torch.Tensor, flat_x: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor
-                  ) -> torch.Tensor:
+def _sampled_grad(flat_gy: torch.Tensor, flat_x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``d delta[o, j] = sum over rows of gy[:, o] * x[:, indices[o, j]]`` (``[out, k]``, gy's dtype): the product
-    ``gy^T x`` sampled at the chosen entries only (an SDDMM, ``torch.sparse.sampled_addmm``), never dense.
-    Under ``torch.compile``, which cannot trace sparse tensors, the gather form (that inductor fuses)."""
-    if torch.compiler.is_compiling():
-        return _sparse_grads(flat_gy, flat_x, indices, delta, None, True)
+    ``gy^T x`` sampled at the chosen entries only (an SDDMM, ``torch.sparse.sampled_addmm``), never dense."""
     out, count = indices.shape
     ordered, order = indices.sort(dim=1)  # CSR wants each row's columns ascending
     rows = torch.arange(0, out * count + 1, count, device=indices.device)
@@ -198,7 +195,7 @@ class _LinearSparse(torch.autograd.Function):
         grad_x = gy.matmul(_with_entries(weight, indices, delta)) if ctx.needs_input_grad[0] else None
         grad_weight = _flat(gy).t().mm(_flat(x)) if ctx.needs_input_grad[1] else None
         grad_bias = _flat(gy).sum(0) if ctx.needs_input_grad[2] else None
-        grad_delta = _sampled_grad(_flat(gy), _flat(x), indices, delta) if ctx.needs_input_grad[4] else None
+        grad_delta = _sampled_grad(_flat(gy), _flat(x), indices) if ctx.needs_input_grad[4] else None
         return _cast_to(ctx, (grad_x, grad_weight, grad_bias, None, grad_delta))
 
 
