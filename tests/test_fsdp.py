@@ -29,8 +29,9 @@ from conftest import _free_port
 from test_llm import save_tiny, tokenized, toy_examples, write_glue
 
 ROOT = Path(__file__).resolve().parents[1]
-RESUMING = textwrap.dedent("""
-    # train_glue.py interrupted at the start of epoch 2, then run again with --resume (every rank does both)
+CRASHING = textwrap.dedent("""
+    # train_glue.py interrupted at the start of epoch 2 on every rank (the job is then launched again with --resume,
+    # as a crashed job is: a process group is created once per process)
     import sys
     from grft_vision.llm import cli
     from grft_vision.training import trainer
@@ -49,9 +50,8 @@ RESUMING = textwrap.dedent("""
     try:
         cli.main(sys.argv[1:], cli.CONFIG_DIR)
     except Crash:
-        pass
-    trainer.train_one_epoch = original
-    sys.exit(cli.main([*sys.argv[1:], "--resume"], cli.CONFIG_DIR))
+        sys.exit(0)
+    sys.exit("the run was not interrupted")
 """)
 
 
@@ -81,14 +81,17 @@ def test_two_gloo_processes_under_fsdp_with_a_resume_match_one_process(tmp_path)
     data = write_glue(tmp_path / "glue", "cola", {"train": 32, "dev": 17})
     common = ["--dataset", "cola", "--model", str(model_dir), "--data-dir", str(data), "--max-length", "32",
               "--batch-size", "8", "--epochs", "2", "--lr", "3e-3", "--quiet", "--reg-lambda", "1e-3"]
-    (tmp_path / "resuming.py").write_text(RESUMING)
+    (tmp_path / "crashing.py").write_text(CRASHING)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {"one": [sys.executable, str(ROOT / "train_glue.py")],
-            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(_free_port()), str(tmp_path / "resuming.py"), "--fsdp"]}
-    for name, command in runs.items():
-        done = subprocess.run([*command, *common, "--run-dir", str(tmp_path / name)], env=env, capture_output=True,
-                              text=True, timeout=600, cwd=ROOT)
+
+    def torchrun(script: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port()), str(script), "--fsdp", *common, "--run-dir", str(tmp_path / "two"), *extra]
+
+    launches = [[sys.executable, str(ROOT / "train_glue.py"), *common, "--run-dir", str(tmp_path / "one")],
+                torchrun(tmp_path / "crashing.py"), torchrun(ROOT / "train_glue.py", "--resume")]
+    for command in launches:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-3000:]
 
     one, two = (tmp_path / "one", tmp_path / "two")
