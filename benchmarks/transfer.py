@@ -25,10 +25,18 @@ The width sweep (``--sweep``, ``transfer_bench.sweep``) runs the benchmark at se
 seeds (one checkpoint each) with a few methods, and reports the paired differences per checkpoint and pooled
 (``transfer_bench.sweep_statistics``; ``sweep.json``, ``sweep.md``, ``width_sweep.png``).
 
+Every static row / column choice records its first-order share (``transfer_bench.first_order``: the squared
+task-loss gradient its rows hold, relative to the best rows of each layer); ``--first-order`` measures it for
+every such method without training. ``--budget`` (``transfer_bench.budget``) compares GRFT's rows with random
+and lowest-scored rows after 1, 2, 5 and 17 epochs of one run, at k = 1 and 8, biases trained or frozen, a
+small and the tuned learning rate, and in genuinely shorter runs (``results.json``, ``table.md``, ``budget.png``).
+
     python benchmarks/transfer.py --out runs/transfer             # the full benchmark (< 30 min, 2 cores)
     python benchmarks/transfer.py --quick --out /tmp/transfer      # pipeline check (seconds)
     python benchmarks/transfer.py --tune --out runs/transfer-tune  # learning-rate / lambda choice on val splits
     python benchmarks/transfer.py --sweep --out runs/width-sweep   # widths 64, 128 x 2 checkpoints (CPU, 90 min)
+    python benchmarks/transfer.py --first-order --out runs/first-order   # selection only (CPU, ~8 min)
+    python benchmarks/transfer.py --budget --out runs/budget       # the budget study (CPU, ~30 min)
     python benchmarks/transfer.py --sweep --widths 192 384 --methods grft-row-k1 grft-row-k1-plain random-row-k1 \\
         lowest-row-k1 score-grasp linear bias --device cuda --out runs/width-sweep-gpu   # on a GPU machine
 """

@@ -359,3 +359,158 @@ def test_results_md_sweep_table_is_what_the_committed_json_gives():
         assert code["dirty"] is False and len(code["commit"]) == 40 and code["commit"] in doc
     assert stored["command"] in doc
     assert (SWEEP_DIR / "width_sweep.png").is_file() and "results/width-sweep/width_sweep.png" in doc
+
+
+# ----------------------------------------------------------------------------- first-order share, budget study
+first_order = load_benchmark("transfer_bench.first_order")
+budget = load_benchmark("transfer_bench.budget")
+FIRST_ORDER_QUICK_METHODS = ("grft-row-k1", "random-row-k1", "lowest-row-k1", "grft-col-k1", "budget-global",
+                             "gps-sparse-k1")
+
+
+@pytest.fixture(scope="module")
+def first_order_run(tmp_path_factory):
+    """--first-order --quick on a few methods (a sparse one among them: it has no row / column choice)."""
+    out = tmp_path_factory.mktemp("first-order")
+    assert transfer.main(["--first-order", "--quick", "--methods", *FIRST_ORDER_QUICK_METHODS, "--out", str(out),
+                          "--workers", "1", "--quiet"]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_first_order_run_measures_every_row_and_column_choice_without_training(first_order_run):
+    out, results = first_order_run
+    settings = presets.QUICK
+    assert len(results["runs"]) == len(FIRST_ORDER_QUICK_METHODS) * len(settings.targets) * len(settings.seeds)
+    for run in results["runs"]:
+        assert "top1" not in run  # selection only
+        record = run["first_order"]
+        if not methods.METHODS[run["method"]].chooses:
+            assert record is None
+            continue
+        assert 0.0 <= record["chosen_sq"] <= record["oracle_sq"] and 0.0 < record["share"] <= 1.0
+        assert record["share"] == pytest.approx(record["chosen_sq"] / record["oracle_sq"])
+        assert 0.0 < record["uniform_share"] <= 1.0 and 0.0 < record["share_abs"] <= 1.0
+        assert record["rows_part"] == pytest.approx(
+            record["chosen_sq"] / (record["chosen_sq"] + record["head_sq"] + record["bias_sq"]))  # biases train
+    assert "gps-sparse-k1" not in results["summary"] and set(results["summary"]) == set(FIRST_ORDER_QUICK_METHODS[:-1])
+    assert json.loads(json.dumps(first_order.summarise_first_order(results["runs"], results["methods"]))) == \
+        results["summary"]
+    assert (out / "table.md").read_text() == first_order.first_order_markdown(results["summary"])
+    # the oracle and the uniform expectation depend only on the gradient (target, seed) and the counts (k = 1)
+    by = {(r["method"], r["target"], r["seed"]): r["first_order"] for r in results["runs"]}
+    for target in settings.targets:
+        for seed in settings.seeds:
+            same = [by[(m, target, seed)] for m in ("grft-row-k1", "random-row-k1", "lowest-row-k1")]
+            assert len({(r["oracle_sq"], r["uniform_sq"], r["head_sq"]) for r in same}) == 1
+
+
+def test_the_oracle_rows_hold_the_whole_first_order_share():
+    """Rows chosen by the squared task gradient itself are the oracle (share 1); the lowest hold the least."""
+    from grft_vision import GRFTConfig, apply_grft
+
+    settings = presets.QUICK
+    data = transfer_data.make_target("count", 24, 8, seed=0, size=settings.img_size)
+    torch.manual_seed(0)
+    state = vit.build_vit(settings, transfer_data.source_num_classes()).state_dict()
+
+    def fresh():
+        torch.manual_seed(3)
+        return vit.load_backbone(vit.build_vit(settings, data.num_classes), state)
+
+    grads = first_order.task_gradients(fresh(), data.train_images, data.train_labels)
+    config = GRFTConfig(structure="row", k=2, conv_columns="tap")
+    best = {f"{n}.weight": grads[f"{n}.weight"].square() for n in find_target_layers(fresh(), config)}
+    worst = {name: -score for name, score in best.items()}  # the rows of least squared gradient
+    top = first_order.measure(apply_grft(fresh(), scores=best, config=config), fresh(), data.train_images,
+                              data.train_labels, train_bias=True)
+    low = first_order.measure(apply_grft(fresh(), scores=worst, config=config), fresh(), data.train_images,
+                              data.train_labels, train_bias=False)
+    assert top["share"] == pytest.approx(1.0) and set(top["per_layer"].values()) == {1.0}
+    assert low["share"] < low["uniform_share"] < 1.0 and low["oracle_sq"] == pytest.approx(top["oracle_sq"])
+    assert low["rows_part"] == pytest.approx(low["chosen_sq"] / (low["chosen_sq"] + low["head_sq"]))  # biases frozen
+
+
+def test_recording_the_test_accuracy_during_a_run_does_not_change_it():
+    settings = presets.QUICK
+    data = transfer_data.make_target("digits", 32, 16, seed=0, size=settings.img_size)
+    torch.manual_seed(0)
+    state = vit.build_vit(settings, transfer_data.source_num_classes()).state_dict()
+    plain = jobs.finetune(jobs.Job("digits", "grft-row-k1", 0, 1e-2, 1e-4), settings, state, data, 1)
+    watched = jobs.finetune(jobs.Job("digits", "grft-row-k1", 0, 1e-2, 1e-4, eval_epochs=(1, 2)), settings, state,
+                            data, 1)
+    assert (watched["top1"], watched["final_train_loss"]) == (plain["top1"], plain["final_train_loss"])
+    assert list(watched["top1_by_epoch"]) == ["1", "2"] and watched["top1_by_epoch"]["2"] == watched["top1"]
+    assert plain["top1_by_epoch"] == {} and plain["first_order"] == watched["first_order"] is not None
+    short = jobs.finetune(jobs.Job("digits", "grft-row-k1", 0, 1e-2, 1e-4, short_schedule=1), settings, state, data, 1)
+    assert short["epochs"] == short["short_schedule"] == 1 and plain["epochs"] == 2
+
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory):
+    """--budget --quick on one target: every k x biases setting, the one run and the shorter one."""
+    out = tmp_path_factory.mktemp("budget")
+    assert transfer.main(["--budget", "--quick", "--targets", "count", "--out", str(out), "--workers", "1",
+                          "--quiet"]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_budget_study_records_every_setting_chooser_and_budget(budget_run):
+    out, results = budget_run
+    study, seeds = budget.QUICK_BUDGET, presets.QUICK.seeds
+    long = [r for r in results["runs"] if r["top1_by_epoch"]]
+    short = [r for r in results["runs"] if r["short_schedule"]]
+    assert len(long) == len(study.settings()) * len(budget.CHOOSERS) * len(seeds)
+    short_settings = [s for s in study.settings() if study.has_short_runs(s)]
+    assert len(short) == len(short_settings) * len(budget.CHOOSERS) * len(study.short_epochs) * len(seeds)
+    for run in long:
+        assert list(run["top1_by_epoch"]) == [str(e) for e in study.eval_epochs]
+        assert run["top1_by_epoch"][str(run["epochs"])] == run["top1"] and run["first_order"] is not None
+    summary = results["summary"]
+    assert json.loads(json.dumps(budget.summarise_budget(results))) == summary
+    assert (out / "table.md").read_text() == budget.budget_markdown(summary)
+    png = (out / "budget.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    for setting in summary["settings"]:
+        assert [(p["run"], p["epochs"]) for p in setting["points"]] == study.points(setting)
+        for point in setting["points"]:
+            assert set(point["methods"]) == set(budget.CHOOSERS)
+            for pair in summary["pairs"]:
+                entry = point["paired"][pair]
+                assert entry["units"] == len(seeds) and entry["pairs"] == len(seeds)
+                assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
+    assert all(cost["selection_epochs"] > 0 for cost in summary["costs"].values())
+
+
+def test_budget_and_first_order_are_separate_runs_with_their_own_methods():
+    with pytest.raises(SystemExit, match="--first-order and --budget are separate runs"):
+        transfer.main(["--quick", "--first-order", "--budget"])
+    with pytest.raises(SystemExit, match="--budget runs its own methods"):
+        transfer.main(["--quick", "--budget", "--methods", "grft-row-k1"])
+
+
+# ----------------------------------------------------------------------- the committed first-order and budget runs
+def _doc_table(marker: str) -> str:
+    doc = (_ROOT / "docs" / "results.md").read_text()
+    start, end = f"<!-- {marker} table: start -->", f"<!-- {marker} table: end -->"
+    assert doc.count(start) == 1 and doc.count(end) == 1
+    return doc.split(start)[1].split(end)[0].strip()
+
+
+@pytest.mark.parametrize("name", ["first-order", "budget"])
+def test_results_md_first_order_and_budget_tables_are_what_the_committed_json_gives(name):
+    """docs/results.md's tables, recomputed from the committed per-job results (nothing is run)."""
+    folder = _ROOT / "docs" / "results" / name
+    results = json.loads((folder / "results.json").read_text())
+    if name == "first-order":
+        summary = first_order.summarise_first_order(results["runs"], results["methods"])
+        table = first_order.first_order_markdown(summary)
+        assert table == first_order.first_order_markdown(results["summary"])
+    else:
+        summary = budget.summarise_budget(results)
+        table = budget.budget_markdown(summary)
+        assert table == budget.budget_markdown(results["summary"])
+        assert "results/budget/budget.png" in (_ROOT / "docs" / "results.md").read_text()
+    assert table == (folder / "table.md").read_text() and _doc_table(name) == table.strip()
+    doc = (_ROOT / "docs" / "results.md").read_text()
+    assert results["command"] in doc and results["code"]["commit"] in doc
+    assert results["pretrain"]["sha256"][:12] in doc

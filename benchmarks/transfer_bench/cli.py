@@ -1,4 +1,5 @@
-"""The command line of ``benchmarks/transfer.py``: the benchmark, ``--tune``, ``--sweep``."""
+"""The command line of ``benchmarks/transfer.py``: the benchmark, ``--tune``, ``--sweep``, ``--first-order``,
+``--budget``."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,11 @@ from typing import Any, Sequence
 
 import torch
 
+from .budget import BUDGET, QUICK_BUDGET, budget_markdown, run_budget
 from .data import TARGETS
+from .first_order import first_order_markdown
 from .methods import METHODS, SUITES
-from .orchestration import run_benchmark, tune
+from .orchestration import run_benchmark, run_first_order, tune
 from .provenance import command_line
 from .report import to_markdown
 from .settings import DEFAULT_LR, DEFAULT_REG_LAMBDA, FULL, QUICK, Settings
@@ -43,6 +46,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true",
                         help="the width sweep: the benchmark at every width and pre-training seed (--widths, "
                              "--pretrain-seeds), with the sweep's methods unless --methods")
+    parser.add_argument("--first-order", action="store_true",
+                        help="the first-order share of every static row / column choice (selection only, no "
+                             "training), or of --methods")
+    parser.add_argument("--budget", action="store_true",
+                        help="the budget study: GRFT vs random vs lowest-scored rows after 1, 2, 5 and 17 epochs, "
+                             "at k 1 and 8, biases trained or frozen, a small and the tuned learning rate")
     parser.add_argument("--widths", nargs="+", type=int, default=None,
                         help=f"sweep widths (default {' '.join(map(str, SWEEP.widths))}; "
                              f"heads = width / {SWEEP.head_dim})")
@@ -71,17 +80,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         raise SystemExit(f"--device {args.device}: torch sees no such device (CUDA available: "
                          f"{torch.cuda.is_available()}); use --device cpu or run on a GPU machine")
-    if args.sweep and args.tune:
-        raise SystemExit("--sweep and --tune are separate runs; pick one")
+    modes = [f"--{mode}" for mode in ("sweep", "tune", "first-order", "budget")
+             if getattr(args, mode.replace("-", "_"))]
+    if len(modes) > 1:
+        raise SystemExit(f"{' and '.join(modes)} are separate runs; pick one")
+    if args.budget and (args.methods or args.lr or args.epochs):
+        raise SystemExit("--budget runs its own methods, learning rates and epochs; drop --methods, --lr, --epochs")
     if not args.sweep and (args.widths or args.pretrain_seeds):
         raise SystemExit("--widths and --pretrain-seeds belong to the width sweep; add --sweep")
     return args
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """:data:`QUICK` or :data:`FULL` with the device, methods (or suite), targets, seeds and epochs of ``args``."""
+    """:data:`QUICK` or :data:`FULL` with the device, methods (or suite), targets, seeds and epochs of ``args``
+    (no methods for ``--first-order`` without ``--methods``, and for ``--budget``: theirs are their own)."""
     overrides: dict[str, Any] = {"device": args.device}
-    overrides["methods"] = tuple(args.methods) if args.methods else SUITES[args.suite]
+    own_methods = args.first_order or args.budget
+    overrides["methods"] = tuple(args.methods) if args.methods else None if own_methods else SUITES[args.suite]
     if args.targets:
         overrides["targets"] = tuple(args.targets)
     if args.seeds:
@@ -92,7 +107,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark, ``--tune`` or ``--sweep`` as the flags say; the exit status (0)."""
+    """Run the benchmark, ``--tune``, ``--sweep``, ``--first-order`` or ``--budget`` as the flags say; the exit
+    status (0)."""
     args = parse_args(argv)
     settings = settings_from_args(args)
     cache_dir = None if (args.no_cache or args.quick) else args.cache_dir
@@ -107,6 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(sweep_markdown(results["summary"]))
     elif args.tune:
         tune(settings, args.out, cache_dir, args.workers, args.quiet)
+    elif args.first_order:
+        results = run_first_order(settings, args.out, cache_dir, args.workers, _parse_lr(args.lr), args.reg_lambda,
+                                  args.quiet, command_line(argv))
+        if not args.quiet:
+            print(first_order_markdown(results["summary"]))
+    elif args.budget:
+        results = run_budget(QUICK_BUDGET if args.quick else BUDGET, settings, args.out, cache_dir, args.workers,
+                             args.reg_lambda, args.quiet, command_line(argv))
+        if not args.quiet:
+            print(budget_markdown(results["summary"]))
     else:
         results = run_benchmark(settings, args.out, cache_dir, args.workers, _parse_lr(args.lr), args.reg_lambda,
                                 args.quiet, command=command_line(argv))

@@ -40,7 +40,7 @@ from .model import ArrayImages, build_vit
 from .settings import Settings
 
 __all__ = ["Prepared", "MethodContext", "Method", "METHODS", "lora_count", "choose_lora_rank", "random_generator",
-           "grft_method", "SUITES", "DEFAULT_METHODS"]
+           "grft_method", "SUITES", "DEFAULT_METHODS", "FIRST_ORDER_METHODS"]
 
 
 @dataclass
@@ -106,12 +106,15 @@ class Method(RegisteredMethod):
         family: learning-rate family (a key of the lr table: head, full, grft, lora).
         group: colour in the plot: baseline, grft, control, ablation, beyond.
         cost: relative cost, used only to schedule the longest jobs first.
+        chooses: it trains rows or columns chosen once, before training (every static row / column choice:
+            :mod:`.first_order` measures how much of the task loss's first-order decrease they capture).
     """
 
     label: str
     family: str
     group: str
     cost: float = 1.0
+    chooses: bool = False
 
 
 METHODS: MethodRegistry[Method] = MethodRegistry(Method)
@@ -302,7 +305,7 @@ def grft_method(structure: str, k: int, *, chooser: str | ScoreFn = "gradient", 
                                  reg_lambda=ctx.reg_lambda if l2 else 0.0, train_bias=bias,
                                  selection_views=2 if augment else 1, **options)
         start = time.perf_counter()
-        info: dict[str, Any] = {"uniform_share_mean": _uniform_share(model, config)}
+        info: dict[str, Any] = {"uniform_share_mean": _uniform_share(model, config), "train_bias": bias}
         if chooser == "gradient":
             found, schedule = _select_by_gradient(model, ctx, config, augment)
         else:
@@ -337,7 +340,8 @@ _GRFT_ROWS = [
      {"augment": False}),
 ]
 for _name, _label, _group, _structure, _k, _options in _GRFT_ROWS:
-    METHODS.register(_name, label=_label, family="grft", group=_group)(grft_method(_structure, _k, **_options))
+    METHODS.register(_name, label=_label, family="grft", group=_group, chooses=_structure != "sparse")(
+        grft_method(_structure, _k, **_options))
 
 # Beyond GRFT (SPEFT, ID3, GEM): other importance scores, budgets and schedules, every one on GRFT's row
 # structure at the budget of GRFT row k=1 (k=2 for the incremental schedule, so that it has something to
@@ -360,14 +364,30 @@ _BEYOND_ROWS = [
      {"schedule": "dynamic", "schedule_events": 4}),
 ]
 for _name, _label, _options in _BEYOND_ROWS:
-    METHODS.register(_name, label=_label, family="grft", group="beyond")(grft_method("row", 1, **_options))
+    METHODS.register(_name, label=_label, family="grft", group="beyond", chooses="schedule" not in _options)(
+        grft_method("row", 1, **_options))
 METHODS.register("schedule-incremental-k2", label="Rows unmasked 0→2 in 4 steps (ID3 increment-S), vs GRFT row k=2",
                  family="grft", group="beyond")(grft_method("row", 2, schedule="incremental", schedule_events=4))
 
+# The budget study (``--budget``, :mod:`.budget`): GRFT, random and lowest-scored rows at k = 1 and 8, with and
+# without the biases; the rows above give k = 1 (biases on: GRFT, random, lowest; off: GRFT, random).
+_CHOOSER_LABELS = {"grft": "GRFT row k={k} (n=1, L2)", "random": "Random rows k={k} (control, L2)",
+                   "lowest": "Lowest-scored rows k={k} (control)"}
+for _k in (1, 8):
+    for _bias in (True, False):
+        for _chooser, _label in _CHOOSER_LABELS.items():
+            _name = f"{_chooser}-row-k{_k}" + ("" if _bias else "-nobias")
+            if _name not in METHODS:
+                METHODS.register(_name, label=_label.format(k=_k) + ("" if _bias else ", biases frozen"),
+                                 family="grft", group="budget", chooses=True)(
+                    grft_method("row", _k, chooser="gradient" if _chooser == "grft" else _chooser, bias=_bias))
+
 # A run without --methods runs one suite; each finishes in < 30 min on 2 CPU cores (pre-training included).
 SUITES: dict[str, tuple[str, ...]] = {
-    "paper": tuple(name for name in METHODS if METHODS[name].group != "beyond"),
+    "paper": tuple(name for name in METHODS if METHODS[name].group not in ("beyond", "budget")),
     "beyond": ("grft-row-k1", "grft-row-k2", "random-row-k1", "random-row-k2",
                *(name for name in METHODS if METHODS[name].group == "beyond")),
 }
 DEFAULT_METHODS = SUITES["paper"]
+# the methods of the first-order diagnostic (``--first-order``): every static row / column choice
+FIRST_ORDER_METHODS = tuple(name for name in METHODS if METHODS[name].chooses)

@@ -1,26 +1,29 @@
-"""A whole benchmark run (:func:`run_benchmark`: pre-train, fine-tune every job, report) and the choice of
-the learning rates and lambda on validation splits (:func:`tune`)."""
+"""A whole benchmark run (:func:`run_benchmark`: pre-train, fine-tune every job, report), the choice of
+the learning rates and lambda on validation splits (:func:`tune`), the runs of a study's own jobs
+(:func:`run_study`) and the first-order diagnostic of every row / column choice (:func:`run_first_order`)."""
 from __future__ import annotations
 
 import datetime
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .data import TargetData, make_target
+from .first_order import first_order_markdown, summarise_first_order
 from .jobs import Job, run_jobs
 from .log import line_logger
-from .methods import DEFAULT_METHODS, METHODS, choose_lora_rank
+from .methods import DEFAULT_METHODS, FIRST_ORDER_METHODS, METHODS, choose_lora_rank
 from .plots import plot
 from .pretrain import pretrain
 from .provenance import code_version, command_line, machine
 from .report import summarise, to_markdown
 from .settings import DEFAULT_LR, DEFAULT_REG_LAMBDA, Settings
 
-__all__ = ["TUNE_LR_GRID", "TUNE_LR_METHOD", "TUNE_LAMBDA_GRID", "run_benchmark", "tune"]
+__all__ = ["TUNE_LR_GRID", "TUNE_LR_METHOD", "TUNE_LAMBDA_GRID", "make_targets", "run_benchmark", "tune",
+           "run_study", "write_results_json", "run_first_order"]
 
 # the grids of --tune: learning rate per family (each with the method it is tuned on), then GRFT's lambda
 TUNE_LR_GRID = {"head": (3e-2, 1e-1, 3e-1), "full": (1e-3, 3e-3, 1e-2), "grft": (1e-2, 3e-2, 1e-1),
@@ -134,3 +137,55 @@ def tune(settings: Settings, out_dir: Path, cache_dir: Path | None, workers: int
 def _mean_top1(runs: list[dict[str, Any]], **match: Any) -> float:
     """Mean top-1 of the runs whose fields equal ``match`` (e.g. ``method=..., lr=...``)."""
     return float(np.mean([r["top1"] for r in runs if all(r[key] == value for key, value in match.items())]))
+
+
+def run_study(benchmark: str, settings: Settings, make_jobs: Callable[[Settings], list[Job]], out_dir: Path,
+              cache_dir: Path | None, workers: int = 2, quiet: bool = False,
+              command: str | None = None) -> dict[str, Any]:
+    """Pre-train (or load) and run ``make_jobs(settings)`` (GRFT-family methods: no LoRA rank); the results
+    without a summary: provenance, settings, the pre-training, timing and every job's record."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = line_logger(out_dir / "log.txt", quiet)
+    begin, code = time.perf_counter(), code_version()  # the code that runs, not the checkout at the end
+    state, pre = pretrain(settings, cache_dir, log, workers, out_dir / "log.txt", quiet)
+    targets = make_targets(settings)
+    jobs = make_jobs(settings)
+    t_jobs = time.perf_counter()
+    runs = run_jobs(jobs, settings, state, targets, 0, workers, log)
+    return {"benchmark": benchmark, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": command or command_line(), "code": code, "machine": machine(), "workers": workers,
+            "settings": settings.to_dict(), "pretrain": pre,
+            "timing": {"pretrain_seconds": 0.0 if pre["from_cache"] else pre["seconds"],
+                       "pretrain_from_cache": pre["from_cache"], "jobs_seconds": time.perf_counter() - t_jobs,
+                       "jobs": len(runs), "job_seconds_sum": sum(r["seconds"] for r in runs),
+                       "total_seconds": time.perf_counter() - begin},
+            "runs": sorted(runs, key=lambda r: (r["target"], METHODS.names().index(r["method"]), r["seed"]))}
+
+
+def write_results_json(results: dict[str, Any], path: Path) -> None:
+    """``results`` as indented JSON with each job's record on one line (compact for hundreds of jobs)."""
+    text = json.dumps({**results, "runs": []}, indent=1)
+    runs = ",\n  ".join(json.dumps(run, separators=(",", ":")) for run in results["runs"])
+    path.write_text(text.replace('\n "runs": []', '\n "runs": [\n  ' + runs + "\n ]", 1))
+
+
+def run_first_order(settings: Settings, out_dir: Path, cache_dir: Path | None, workers: int = 2,
+                    lr: dict[str, float] | None = None, reg_lambda: float = DEFAULT_REG_LAMBDA, quiet: bool = False,
+                    command: str | None = None) -> dict[str, Any]:
+    """The first-order share (:mod:`.first_order`) of every static row / column choice of ``settings.methods``
+    (default: :data:`FIRST_ORDER_METHODS`) on every target and seed: selection only, no training; writes
+    results.json and table.md."""
+    methods = settings.methods or FIRST_ORDER_METHODS
+    METHODS.check(methods)
+    lr = {**DEFAULT_LR, **(lr or {})}
+
+    def make_jobs(values: Settings) -> list[Job]:
+        return [Job(t, m, s, lr[METHODS[m].family], reg_lambda, train=False) for t in values.targets
+                for m in methods for s in values.seeds]
+
+    results = run_study("transfer-first-order", settings, make_jobs, out_dir, cache_dir, workers, quiet, command)
+    results.update(methods=list(methods), lr=lr, reg_lambda=reg_lambda,
+                   summary=summarise_first_order(results["runs"], methods))
+    (out_dir / "table.md").write_text(first_order_markdown(results["summary"]))
+    write_results_json(results, out_dir / "results.json")
+    return results

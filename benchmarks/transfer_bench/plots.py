@@ -1,4 +1,5 @@
-"""The figures: accuracy against trainable share (:func:`plot`) and the width sweep (:func:`plot_sweep`)."""
+"""The figures: accuracy against trainable share (:func:`plot`), the width sweep (:func:`plot_sweep`) and the
+budget study (:func:`plot_budget`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 from .report import summarise
 from .sweep_statistics import PLOTTED_PAIRS, SWEEP_METHODS
 
-__all__ = ["plot", "plot_sweep"]
+__all__ = ["plot", "plot_sweep", "plot_budget"]
 
 _GROUP_STYLE = {"baseline": ("tab:gray", "s"), "grft": ("tab:blue", "o"), "control": ("tab:red", "x"),
                 "ablation": ("tab:green", "^"), "beyond": ("tab:orange", "v"), "other": ("tab:purple", "D")}
@@ -137,3 +138,52 @@ def _accuracy_vs_width(axes, summary: dict[str, Any]) -> None:
     axes.set_title("accuracy (error bar: std over checkpoints × seeds)")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=7, ncol=2)
+
+
+def plot_budget(summary: dict[str, Any], path: Path) -> Path:
+    """The budget study: one panel per (pair, learning rate), the paired difference against epochs (log x) with
+    its confidence interval, one line per (k, biases) setting; filled markers: points of the one long run,
+    hollow markers and dashed lines: the genuinely shorter runs."""
+    lrs = list(dict.fromkeys(s["lr"] for s in summary["settings"]))
+    pairs = summary["pairs"]
+    fig, panels = _pyplot().subplots(len(pairs), len(lrs), figsize=(6.5 * len(lrs), 4.6 * len(pairs)),
+                                     squeeze=False, sharex=True)
+    for row, pair in enumerate(pairs):
+        for column, lr in enumerate(lrs):
+            settings = [s for s in summary["settings"] if s["lr"] == lr]
+            for i, setting in enumerate(settings):
+                shift = 1.05 ** (i - (len(settings) - 1) / 2)
+                label = f"k={setting['k']}, biases {'trained' if setting['bias'] else 'frozen'}"
+                for run, style in (("within", {"fmt": "-o"}), ("short", {"fmt": "--o", "mfc": "white"})):
+                    _budget_line(panels[row][column], setting, pair, run, shift * (1.1 if run == "short" else 1),
+                                 f"C{i}", label if run == "within" else None, style)
+            _budget_axes(panels[row][column], summary, pair, lr, row == len(pairs) - 1)
+    return _save(fig, path)
+
+
+def _budget_line(axes, setting: dict[str, Any], pair: str, run: str, shift: float, colour: str, label: str | None,
+                 style: dict[str, Any]) -> None:
+    points = [p for p in setting["points"] if p["run"] == run and p["paired"].get(pair)]
+    if not points:
+        return
+    entries = [p["paired"][pair] for p in points]
+    means = [e["mean"] for e in entries]
+    low = [e["mean"] - (e["ci95"] or [e["mean"]] * 2)[0] for e in entries]
+    high = [(e["ci95"] or [e["mean"]] * 2)[1] - e["mean"] for e in entries]
+    axes.errorbar([p["epochs"] * shift for p in points], means, yerr=[low, high], color=colour, capsize=3,
+                  label=label, **style)
+
+
+def _budget_axes(axes, summary: dict[str, Any], pair: str, lr: float, bottom: bool) -> None:
+    epochs = sorted({p["epochs"] for s in summary["settings"] for p in s["points"]})
+    axes.axhline(0.0, color="black", lw=0.8)
+    axes.set_xscale("log")
+    axes.set_xticks(epochs, [str(e) for e in epochs])
+    axes.minorticks_off()
+    if bottom:
+        long = max(p["epochs"] for s in summary["settings"] for p in s["points"] if p["run"] == "within")
+        axes.set_xlabel(f"epochs trained (filled: within one {long}-epoch run; hollow, dashed: a run of that length)")
+    axes.set_ylabel(f"{pair.replace(' - ', ' − ').replace('grft', 'GRFT')}, top-1 points")
+    axes.set_title(f"lr {lr:g}, {100 * summary['confidence']:.0f} % confidence interval over seeds", fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)

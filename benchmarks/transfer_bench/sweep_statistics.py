@@ -10,8 +10,8 @@ import numpy as np
 
 from .report import cell, mean_std
 
-__all__ = ["SWEEP_METHODS", "SWEEP_PAIRS", "PLOTTED_PAIRS", "CONFIDENCE", "paired_difference", "summarise_sweep",
-           "sweep_markdown"]
+__all__ = ["SWEEP_METHODS", "SWEEP_PAIRS", "PLOTTED_PAIRS", "CONFIDENCE", "paired_difference", "method_means",
+           "summarise_sweep", "pair_cell", "sweep_markdown"]
 
 # Does gradient selection beat random rows as the model widens? The same source task, targets and protocol at
 # several widths (depth fixed, head width fixed: heads scale with the width), each width pre-trained from
@@ -75,7 +75,7 @@ def paired_difference(results: Sequence[dict[str, Any]], a: str, b: str) -> dict
             "pairs": len(flat)}
 
 
-def _method_means(results: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+def method_means(results: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     """Per method: mean ± std over the (checkpoint, seed) units of the top-1 averaged over the targets."""
     methods = list(dict.fromkeys(m for r in results for m in r["methods"]))
     means = {}
@@ -97,17 +97,18 @@ def summarise_sweep(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         entry["checkpoints"][name] = {
             "pretrain_seed": result["settings"]["pretrain_seed"], "sha256": result["pretrain"]["sha256"],
             "source_val_top1": 100 * result["pretrain"]["source_val_top1"],
-            "pretrain_epochs": result["settings"]["pretrain_epochs"], "methods": _method_means([result]),
+            "pretrain_epochs": result["settings"]["pretrain_epochs"], "methods": method_means([result]),
             "paired": {f"{a} - {b}": paired_difference([result], a, b) for a, b in SWEEP_PAIRS}}
     for width, entry in widths.items():
         results = [r for r in runs.values() if str(r["settings"]["embed_dim"]) == width]
-        entry["pooled"] = {"methods": _method_means(results),
+        entry["pooled"] = {"methods": method_means(results),
                            "paired": {f"{a} - {b}": paired_difference(results, a, b) for a, b in SWEEP_PAIRS}}
     return {"confidence": CONFIDENCE, "pairs": [f"{a} - {b}" for a, b in SWEEP_PAIRS],
             "widths": dict(sorted(widths.items(), key=lambda item: int(item[0])))}
 
 
-def _pair_cell(entry: dict[str, Any] | None) -> str:
+def pair_cell(entry: dict[str, Any] | None) -> str:
+    """A paired difference as ``+mean [low, high] (wins/ties/losses)``; ``—`` for None."""
     if entry is None:
         return "—"
     interval = "" if entry["ci95"] is None else f" [{entry['ci95'][0]:+.1f}, {entry['ci95'][1]:+.1f}]"
@@ -129,12 +130,12 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"{head} | {ckpt['pretrain_epochs']} | {ckpt['source_val_top1']:.1f} | "
                          + " | ".join(cell(ckpt["methods"].get(m)) for m in methods) + " |")
             diffs.append(f"| {width} | seed {ckpt['pretrain_seed']} | "
-                         + " | ".join(_pair_cell(ckpt["paired"].get(p)) for p in pairs) + " |")
+                         + " | ".join(pair_cell(ckpt["paired"].get(p)) for p in pairs) + " |")
         seeds = ", ".join(str(c["pretrain_seed"]) for c in entry["checkpoints"].values())
         lines.append(f"| **{width}** ({entry['num_heads']}) | **pooled** (seeds {seeds}) | | | "
                      + " | ".join(f"**{cell(entry['pooled']['methods'].get(m))}**" for m in methods) + " |")
         diffs.append(f"| **{width}** | **pooled** | "
-                     + " | ".join(f"**{_pair_cell(entry['pooled']['paired'].get(p))}**" for p in pairs)
+                     + " | ".join(f"**{pair_cell(entry['pooled']['paired'].get(p))}**" for p in pairs)
                      + " |")
     level = f"{100 * summary['confidence']:.0f}"
     lines += ["", "Top-1 (%) averaged over the targets, mean ± std over the (checkpoint, seed) runs.", ""]
