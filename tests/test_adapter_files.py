@@ -130,3 +130,23 @@ def test_files_of_the_first_format_still_load():
     with torch.no_grad():
         torch.testing.assert_close(model(fixture["input"]), fixture["output"], atol=1e-6, rtol=1e-6)
     assert _metadata(FIXTURES / "adapter_format1.safetensors")["format"] == "grft-adapter/1"
+
+
+@pytest.mark.parametrize("fan_in, wanted", [(64, torch.int16), (40_000, torch.int32)])
+def test_indices_are_stored_in_the_smallest_type_that_holds_them(tmp_path, fan_in, wanted):
+    """Sparse indices are as many as its entries: int16 halves them where every index fits, int32 beyond."""
+    original = torch.nn.Sequential(torch.nn.Linear(fan_in, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    scores = {"0.weight": torch.zeros(4, fan_in), "2.weight": torch.rand(3, 4)}
+    scores["0.weight"][:, -1] = 1.0  # the last input, the largest index
+    model = apply_grft(copy.deepcopy(original), scores, GRFTConfig(structure="sparse", k=1))
+    with torch.no_grad():
+        for _, layer in grft_layers(model):
+            layer.delta.normal_()
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    tensors = load_file(str(path))
+    assert tensors["0.grft_indices"].dtype == wanted and int(tensors["0.grft_indices"].max()) == fan_in - 1
+    assert tensors["2.grft_indices"].dtype == torch.int16
+    loaded = load_adapter(copy.deepcopy(original), path)
+    x = torch.randn(5, fan_in)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

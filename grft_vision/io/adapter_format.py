@@ -3,8 +3,8 @@ the first format are read.
 
 ``(tensors, metadata)`` of one adapter, with tensor keys under the original module names:
 
-- ``<layer>.grft_indices`` (int32), ``<layer>.grft_delta``, ``<layer>.grft_bias_delta``,
-  ``<layer>.grft_frozen_index`` / ``.grft_frozen_value`` — each update's tensors
+- ``<layer>.grft_indices`` (int16, or int32 where an index exceeds 32767), ``<layer>.grft_delta``,
+  ``<layer>.grft_bias_delta``, ``<layer>.grft_frozen_index`` / ``.grft_frozen_value`` — each update's tensors
   (:data:`~grft_vision.tuner.structures.FILE_SUFFIXES`, :meth:`Update.file_tensors
   <grft_vision.tuner.structures.Update.file_tensors>`);
 - every tensor the adapter trains in full under its own name (``head.weight``, LayerScale gammas, ...) and

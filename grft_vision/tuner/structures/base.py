@@ -163,7 +163,7 @@ class Update(Float32Masters):
         """Why ``indices`` cannot be this structure's indices of a weight (None: they can)."""
         wanted_dim = 2 if cls.per_row else 1
         dimension = cls.candidate_count(weight_shape, groups)
-        if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != wanted_dim:
+        if indices.dtype not in (torch.int16, torch.int32, torch.int64) or indices.dim() != wanted_dim:
             return f"has dtype {indices.dtype} and {indices.dim()} dimensions (expected int, {wanted_dim})"
         if cls.per_row and indices.shape[0] != weight_shape[0]:
             return f"has {indices.shape[0]} rows for a weight with {weight_shape[0]}"
@@ -282,8 +282,11 @@ class Update(Float32Masters):
         self.set_frozen(frozen_index, frozen_value)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        """This update's tensors in an adapter file, keyed by :data:`FILE_SUFFIXES` name (indices as int32)."""
-        tensors = {"indices": self.indices.to(torch.int32), "delta": self.delta.detach()}
+        """This update's tensors in an adapter file, keyed by :data:`FILE_SUFFIXES` name (indices in the smallest
+        integer type that holds them: int16 below 32768, int32 above; the sparse structure's indices are as many
+        as its entries, so this is a quarter of its file)."""
+        small = not self.indices.numel() or int(self.indices.max()) <= torch.iinfo(torch.int16).max
+        tensors = {"indices": self.indices.to(torch.int16 if small else torch.int32), "delta": self.delta.detach()}
         if self.bias_delta is not None:
             tensors["bias_delta"] = self.bias_delta.detach()
         if self.frozen_index.numel():
