@@ -113,3 +113,34 @@ def test_the_readme_training_commands_run(command, tmp_path):
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert " | trainable " in done.stdout.strip().splitlines()[-1]
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings (lower case, punctuation but ``-`` and ``_`` dropped,
+    spaces to ``-``, repeats numbered), code blocks skipped."""
+    text = BLOCK.sub("", path.read_text(encoding="utf-8"))
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchor, count = slug, 0
+        while anchor in anchors:
+            count += 1
+            anchor = f"{slug}-{count}"
+        anchors.add(anchor)
+    return anchors
+
+
+def test_the_links_between_the_docs_lead_somewhere():
+    """Every relative link of README.md and docs/*.md names a file that exists, and a heading of it."""
+    broken = []
+    for path in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", BLOCK.sub("", path.read_text(encoding="utf-8"))):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            if not linked.exists():
+                broken.append(f"{path.name}: {target} (no file {file})")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+                broken.append(f"{path.name}: {target} (no heading #{anchor})")
+    assert not broken, "broken links:\n" + "\n".join(broken)
