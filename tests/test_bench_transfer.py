@@ -488,6 +488,14 @@ def test_budget_and_first_order_are_separate_runs_with_their_own_methods():
         transfer.main(["--quick", "--budget", "--methods", "grft-row-k1"])
 
 
+def test_a_study_can_be_repeated_on_another_checkpoint():
+    cli = load_benchmark("transfer_bench.cli")
+    settings = cli.settings_from_args(cli.parse_args(["--budget", "--pretrain-seed", "1"]))
+    assert settings.pretrain_seed == 1 and settings.pretrain_key(2) != presets.FULL.pretrain_key(2)
+    with pytest.raises(SystemExit, match="--pretrain-seeds"):
+        cli.parse_args(["--sweep", "--pretrain-seed", "1"])
+
+
 # ----------------------------------------------------------------------- the committed first-order and budget runs
 def _doc_table(marker: str) -> str:
     doc = (_ROOT / "docs" / "results.md").read_text()

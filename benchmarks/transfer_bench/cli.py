@@ -57,6 +57,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              f"heads = width / {SWEEP.head_dim})")
     parser.add_argument("--pretrain-seeds", nargs="+", type=int, default=None,
                         help=f"sweep: one checkpoint per seed (default {' '.join(map(str, SWEEP.pretrain_seeds))})")
+    parser.add_argument("--pretrain-seed", type=int, default=None,
+                        help="the pre-training seed of the one checkpoint the other modes use (default 0): evidence "
+                             "that compares methods is repeated on a second checkpoint this way")
     parser.add_argument("--device", default="cpu", help="where to pre-train and fine-tune: cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", type=Path, default=Path("runs/transfer"), help="output directory")
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/grft_vision/transfer").expanduser(),
@@ -88,6 +91,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise SystemExit("--budget runs its own methods, learning rates and epochs; drop --methods, --lr, --epochs")
     if not args.sweep and (args.widths or args.pretrain_seeds):
         raise SystemExit("--widths and --pretrain-seeds belong to the width sweep; add --sweep")
+    if args.sweep and args.pretrain_seed is not None:
+        raise SystemExit("the width sweep takes its checkpoints' seeds as --pretrain-seeds")
     return args
 
 
@@ -103,6 +108,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         overrides["seeds"] = tuple(args.seeds)
     if args.epochs:
         overrides["epochs"] = args.epochs
+    if args.pretrain_seed is not None:
+        overrides["pretrain_seed"] = args.pretrain_seed
     return dataclasses.replace(QUICK if args.quick else FULL, **overrides)
 
 
