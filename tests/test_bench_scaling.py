@@ -116,3 +116,22 @@ def test_a_second_run_measures_nothing_and_other_settings_are_measured_again(tin
     args = scaling.parse_args(["--tiny", "--out-dir", str(tiny_run)])
     points = scaling.plan(scaling.settings_of(args))
     assert [point.id for point in points if scaling.load_point(point, tiny_run) is None] == [config.stem]
+
+
+def test_the_committed_run_and_its_docs_are_what_its_configurations_give():
+    """docs/results/scaling (the --reduced run docs/benchmarks.md reports): its gathered sweeps come from its own
+    configuration reports, and its tables are the ones in docs/benchmarks.md (nothing is run)."""
+    root = Path(__file__).resolve().parents[1]
+    folder = root / "docs" / "results" / "scaling"
+    committed = json.loads((folder / "scaling.json").read_text())
+    settings = committed["settings"]
+    points = scaling.plan(settings)
+    reports = {point.id: json.loads((folder / "configs" / f"{point.id}.json").read_text()) for point in points}
+    assert committed["missing"] == [] and settings["preset"] == "reduced"
+    assert scaling.gather(points, reports, settings)["sweeps"] == committed["sweeps"]
+    text = scaling.to_markdown(committed)
+    assert text == (folder / "scaling.md").read_text()
+    doc = (root / "docs" / "benchmarks.md").read_text()
+    for table in text.split("\n### ")[1:]:
+        assert "\n#### " + table.strip() + "\n" in doc
+    assert "results/scaling/scaling.png" in doc
