@@ -504,7 +504,7 @@ def _doc_table(marker: str) -> str:
     return doc.split(start)[1].split(end)[0].strip()
 
 
-@pytest.mark.parametrize("name", ["first-order", "budget"])
+@pytest.mark.parametrize("name", ["first-order", "budget", "budget-pretrain1"])
 def test_results_md_first_order_and_budget_tables_are_what_the_committed_json_gives(name):
     """docs/results.md's tables, recomputed from the committed per-job results (nothing is run)."""
     folder = _ROOT / "docs" / "results" / name
@@ -517,7 +517,7 @@ def test_results_md_first_order_and_budget_tables_are_what_the_committed_json_gi
         summary = budget.summarise_budget(results)
         table = budget.budget_markdown(summary)
         assert table == budget.budget_markdown(results["summary"])
-        assert "results/budget/budget.png" in (_ROOT / "docs" / "results.md").read_text()
+        assert f"results/{name}/budget.png" in (_ROOT / "docs" / "results.md").read_text()
     assert table == (folder / "table.md").read_text() and _doc_table(name) == table.strip()
     doc = (_ROOT / "docs" / "results.md").read_text()
     assert results["command"] in doc and results["code"]["commit"] in doc
