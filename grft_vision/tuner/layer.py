@@ -206,9 +206,7 @@ class GRFTLayer(nn.Module):
             self._written_index = index
             self._written_before = weight.reshape(-1)[index].clone()
             weight.view(-1)[index] = new_weight
-            if new_bias is not None:
-                self._written_bias = self.base_layer.bias.detach().clone()
-                self.base_layer.bias.copy_(new_bias)
+        self._write_bias(new_bias)
         self._written = (name, trainable)
 
     def _restore(self) -> None:
@@ -217,11 +215,24 @@ class GRFTLayer(nn.Module):
             return
         with torch.no_grad():
             self.base_layer.weight.view(-1)[self._written_index] = self._written_before
-            if self._written_bias.numel():
-                self.base_layer.bias.copy_(self._written_bias)
+        self._restore_bias()
         self._written = None
-        self._written_index = self._written_index[:0]
-        self._written_before, self._written_bias = self._written_before[:0], self._written_bias[:0]
+        self._written_index, self._written_before = self._written_index[:0], self._written_before[:0]
+
+    def _write_bias(self, new_bias: torch.Tensor | None) -> None:
+        """Write ``new_bias`` (None: leave the bias) into the base layer, keeping the values it replaces."""
+        if new_bias is None:
+            return
+        with torch.no_grad():
+            self._written_bias = self.base_layer.bias.detach().clone()
+            self.base_layer.bias.copy_(new_bias)
+
+    def _restore_bias(self) -> None:
+        """Put back the bias :meth:`_write_bias` replaced (exactly), if it replaced one."""
+        if self._written_bias.numel():
+            with torch.no_grad():
+                self.base_layer.bias.copy_(self._written_bias)
+            self._written_bias = self._written_bias[:0]
 
     def sync(self, rewrite: bool = False) -> None:
         """Make what is written into the base weight match the model's state (active, merged, disabled, frozen

@@ -124,21 +124,15 @@ class GRFTQuantizedLinear(GRFTLinear):
         dense, new_bias = self._merged_weight(name, trainable)
         self._stored = self.quantization.snapshot(self.base_layer)
         self.quantization.store(self.base_layer, dense)
-        if new_bias is not None:
-            with torch.no_grad():
-                self._written_bias = self.base_layer.bias.detach().clone()
-                self.base_layer.bias.copy_(new_bias)
+        self._write_bias(new_bias)
         self._written = (name, trainable)
 
     def _restore(self) -> None:
         if self._written is None:
             return
         self.quantization.restore(self.base_layer, self._stored)
-        if self._written_bias.numel():
-            with torch.no_grad():
-                self.base_layer.bias.copy_(self._written_bias)
+        self._restore_bias()
         self._written, self._stored = None, None
-        self._written_bias = self._written_bias[:0]
 
     @contextmanager
     def _pristine_installed(self) -> Iterator[None]:
