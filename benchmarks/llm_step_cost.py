@@ -52,12 +52,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from safetensors.torch import save_model
 from torch import nn
 
 from benchkit.cli import add_step_cost_arguments
 from benchkit.compare import add_ratios, check_timer, time_interleaved, torch_threads
-from benchkit.memory import ADAM_BYTES_PER_PARAM, MB, file_bytes, trainable_bytes
+from benchkit.memory import ADAM_BYTES_PER_PARAM, MB, file_bytes, save_whole_model, trainable_bytes
 from benchkit.peers import peer_checks, peer_counts_markdown, peft_peer, peft_save
 from benchkit.registry import MethodRegistry
 from benchkit.report import (check, command_line, device_name, exit_status, fmt, fmt_ratio, load_average,
@@ -200,17 +199,11 @@ class SetupContext:
 METHODS: MethodRegistry[StepCostMethod] = MethodRegistry(StepCostMethod)
 
 
-def _save_full(model: nn.Module, path: Path) -> Path:
-    path = path.with_suffix(".safetensors")
-    save_model(model, str(path))
-    return path
-
-
 @METHODS.register("full", description="full fine-tuning, Adam over every parameter")
 def setup_full(model: nn.Module, context: SetupContext) -> Setup:
     model.requires_grad_(True)
     return Setup(TokenLoss(model, context.workload.task), adam(model, context.workload.lr),
-                 sum(p.numel() for p in model.parameters()), save=lambda path: _save_full(model, path))
+                 sum(p.numel() for p in model.parameters()), save=lambda path: save_whole_model(model, path))
 
 
 @METHODS.register("lora", description="PEFT LoRA r=8 on q/k/v/o/gate/up/down of every decoder layer",

@@ -37,13 +37,13 @@ from typing import Any, Callable, Sequence
 
 import timm
 import torch
-from safetensors.torch import save_file, save_model
+from safetensors.torch import save_file
 from torch import nn
 
 from benchkit.cli import add_step_cost_arguments
 from benchkit.compare import add_ratios, check_timer, time_interleaved, torch_threads
 from benchkit.flops import inference_flops
-from benchkit.memory import ADAM_BYTES_PER_PARAM, MB, file_bytes
+from benchkit.memory import ADAM_BYTES_PER_PARAM, MB, file_bytes, save_whole_model
 from benchkit.peers import peer_checks, peer_counts_markdown, peft_peer, peft_save
 from benchkit.registry import MethodRegistry
 from benchkit.report import (check, command_line, device_name, exit_status, fmt, fmt_ratio, load_average,
@@ -88,17 +88,11 @@ def random_scores(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
             if isinstance(module, (nn.Linear, nn.Conv2d)) and not inside(name, heads)}
 
 
-def _save_full(model: nn.Module, path: Path) -> Path:
-    path = path.with_suffix(".safetensors")
-    save_model(model, str(path))
-    return path
-
-
 @METHODS.register("full", description="full fine-tuning, Adam over every parameter")
 def setup_full(model: nn.Module, context: SetupContext) -> Setup:
     model.requires_grad_(True)
     count = sum(p.numel() for p in model.parameters())
-    return Setup(model, adam(model, context.lr), count, save=lambda p: _save_full(model, p))
+    return Setup(model, adam(model, context.lr), count, save=lambda p: save_whole_model(model, p))
 
 
 @METHODS.register("gps-dense", description="all parameters trainable, dense grads masked to top-k per row after "
@@ -139,7 +133,7 @@ def setup_gps_dense(model: nn.Module, context: SetupContext) -> Setup:
 
     mask_bytes = sum(mask.numel() * mask.element_size() for mask in masks.values())
     return Setup(model, adam(model, context.lr), trainable, after_backward=zero_outside_mask,
-                 save=lambda p: _save_full(model, p), extra_bytes=mask_bytes,
+                 save=lambda p: save_whole_model(model, p), extra_bytes=mask_bytes,
                  notes=[f"mask (bool) {mask_bytes / MB:.1f} MB resident, not counted in the file"])
 
 

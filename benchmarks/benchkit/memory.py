@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors.torch import save_model
 from torch import nn
 
 __all__ = ["MB", "FP32_BYTES", "ADAM_BYTES_PER_PARAM", "unique_bytes", "SavedTensorBytes", "optimizer_state_bytes",
-           "trainable_bytes", "file_bytes"]
+           "trainable_bytes", "save_whole_model", "file_bytes"]
 
 MB = 1e6
 FP32_BYTES = 4
@@ -86,6 +87,14 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> tuple[int,
 def trainable_bytes(model: nn.Module) -> int:
     """Bytes of the parameters of ``model`` that require grad."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def save_whole_model(model: nn.Module, path: Path) -> Path:
+    """The file of a method that trains every weight: the whole model at ``path`` (``.safetensors``; tied tensors
+    once, ``safetensors.torch.save_model``); returns the file's path."""
+    path = path.with_suffix(".safetensors")
+    save_model(model, str(path))
+    return path
 
 
 def file_bytes(path: Path | list[Path]) -> int:
