@@ -7,7 +7,7 @@ import datetime
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -38,19 +38,35 @@ def make_targets(settings: Settings) -> dict[str, TargetData]:
             for name in settings.targets}
 
 
+class _Start(NamedTuple):
+    """What every run of this benchmark begins with: its log, start time, code version and pre-trained weights."""
+
+    log: Callable[[str], None]
+    begin: float  # time.perf_counter() at the start
+    code: dict[str, Any]  # the code that runs, not the checkout at the end
+    state: dict[str, Any]  # the pre-trained state dict
+    pretrain: dict[str, Any]  # the pre-training's record
+
+
+def _start(settings: Settings, out_dir: Path, cache_dir: Path | None, workers: int, quiet: bool) -> _Start:
+    """Create ``out_dir``, open its log.txt, record the code version and pre-train (or load) the weights."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = line_logger(out_dir / "log.txt", quiet)
+    begin, code = time.perf_counter(), code_version()
+    state, pre = pretrain(settings, cache_dir, log, workers, out_dir / "log.txt", quiet)
+    return _Start(log, begin, code, state, pre)
+
+
 def run_benchmark(settings: Settings, out_dir: Path, cache_dir: Path | None, workers: int = 2,
                   lr: dict[str, float] | None = None, reg_lambda: float = DEFAULT_REG_LAMBDA,
                   quiet: bool = False, plot_file: str | None = "accuracy_vs_trainable.png",
                   command: str | None = None) -> dict[str, Any]:
     """Pre-train (or load), fine-tune every (target, method, seed), write results.json, table.md and, unless
     ``plot_file`` is None, the plot. ``command``: the command line to record (default: this process's)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = line_logger(out_dir / "log.txt", quiet)
     lr = {**DEFAULT_LR, **(lr or {})}
     methods = settings.methods or DEFAULT_METHODS
     METHODS.check(methods)
-    begin, code = time.perf_counter(), code_version()  # the code that runs, not the checkout at the end
-    state, pre = pretrain(settings, cache_dir, log, workers, out_dir / "log.txt", quiet)
+    log, begin, code, state, pre = _start(settings, out_dir, cache_dir, workers, quiet)
     t_targets = time.perf_counter()
     targets = make_targets(settings)
     target_seconds = time.perf_counter() - t_targets
@@ -99,10 +115,7 @@ def tune(settings: Settings, out_dir: Path, cache_dir: Path | None, workers: int
     Each target's training set is split train[:80%] -> val[80%:]; the test split is never read. The score
     of a setting is its mean validation top-1 over the targets.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = line_logger(out_dir / "log.txt", quiet)
-    begin, code = time.perf_counter(), code_version()  # the code that runs, not the checkout at the end
-    state, pre = pretrain(settings, cache_dir, log, workers, out_dir / "log.txt", quiet)
+    log, begin, code, state, pre = _start(settings, out_dir, cache_dir, workers, quiet)
     targets = make_targets(settings)
     lora = choose_lora_rank(settings)
     seed = settings.seeds[0]
@@ -144,10 +157,7 @@ def run_study(benchmark: str, settings: Settings, make_jobs: Callable[[Settings]
               command: str | None = None) -> dict[str, Any]:
     """Pre-train (or load) and run ``make_jobs(settings)`` (GRFT-family methods: no LoRA rank); the results
     without a summary: provenance, settings, the pre-training, timing and every job's record."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = line_logger(out_dir / "log.txt", quiet)
-    begin, code = time.perf_counter(), code_version()  # the code that runs, not the checkout at the end
-    state, pre = pretrain(settings, cache_dir, log, workers, out_dir / "log.txt", quiet)
+    log, begin, code, state, pre = _start(settings, out_dir, cache_dir, workers, quiet)
     targets = make_targets(settings)
     jobs = make_jobs(settings)
     t_jobs = time.perf_counter()
