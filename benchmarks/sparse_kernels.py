@@ -42,27 +42,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from grft_vision.tuner.fused import linear_rows, linear_sparse
+# the library's own sampled product and weight copy, so that the alternatives differ from it only where they say
+from grft_vision.tuner.fused import _sampled_grad, _with_entries, linear_rows, linear_sparse
 
 __all__ = ["FORMULATIONS", "measure", "to_markdown", "main"]
 
 warnings.filterwarnings("ignore", message="Sparse (CSR tensor support|invariant checks)")
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _sampled(gy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``(gy^T x)[o, indices[o, j]]`` without the dense product (``[out, k]``)."""
-    out, k = indices.shape
-    ordered, order = indices.sort(dim=1)
-    crow = torch.arange(0, out * k + 1, k)
-    pattern = torch.sparse_csr_tensor(crow, ordered.reshape(-1), gy.new_zeros(out * k), (out, x.shape[1]),
-                                      check_invariants=False)
-    values = torch.sparse.sampled_addmm(pattern, gy.t(), x, beta=0.0).values().view(out, k)
-    return torch.empty_like(values).scatter_(1, order, values)
-
-
-def _with_entries(weight: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    return weight.clone().scatter_add_(1, indices, delta)
 
 
 class _Gather(torch.autograd.Function):
@@ -98,7 +84,7 @@ class _Csr(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, indices = ctx.saved_tensors
         grad_x = gy.mm(weight) + torch.sparse.mm(ctx.matrix.t(), gy.t()).t()
-        return grad_x, None, None, _sampled(gy, x, indices)
+        return grad_x, None, None, _sampled_grad(gy, x, indices)
 
 
 class _DenseGrad(torch.autograd.Function):
