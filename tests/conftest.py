@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models of every architecture family the core must support; the torchrun and resume checks."""
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -15,6 +16,7 @@ from typing import Any, Callable
 import pytest
 import timm
 import torch
+import yaml
 from timm.layers import GroupNormAct, StdConv2d
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.resnetv2 import ResNetV2
@@ -74,6 +76,19 @@ def load_benchmark(name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
+# the tiny script run's settings live in a file, so that --set and flags in a test override them
+TINY_RUN_SETTINGS = {"model": "test_vit", "pretrained": False, "img_size": 32, "epochs": 1, "warmup_epochs": 1,
+                     "batch_size": 8, "workers": 0, "quiet": True, "synthetic_samples": 16}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> list[str]:
+    """The arguments of a tiny synthetic ``train_vtab.py`` run (about two seconds of training)."""
+    path = tmp_path_factory.mktemp("settings") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_RUN_SETTINGS))
+    return ["--dataset", "synthetic", "--config", str(path)]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one thread (and are not slowed down by a busy machine)."""
@@ -98,6 +113,24 @@ def random_scores(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+
+
+def two_adapters(family: str = "vit", structure: str = "row") -> tuple[nn.Module, nn.Module]:
+    """(original, a copy wrapped with adapters 'a' and 'b' of k = 2 whose deltas and heads are random, 'a'
+    active): two adapters that give visibly different outputs."""
+    from grft_vision import GRFTConfig, apply_grft, set_adapter
+
+    original = make_model(family)
+    model = copy.deepcopy(original)
+    for seed, name in ((1, "a"), (2, "b")):
+        apply_grft(model, random_scores(original, seed), GRFTConfig(structure=structure, k=2), adapter_name=name)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:  # the adapter just added: its updates and its head
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    set_adapter(model, "a")
+    return original, model
 
 
 @pytest.fixture(params=sorted(TINY_MODELS))

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from grft_vision import files
@@ -23,17 +22,6 @@ from grft_vision.training import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "vtab"
-# the tiny run's settings live in a file, so that --set and flags in a case override them
-TINY_SETTINGS = {"model": "test_vit", "pretrained": False, "img_size": 32, "epochs": 1, "warmup_epochs": 1,
-                 "batch_size": 8, "workers": 0, "quiet": True, "synthetic_samples": 16}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> list[str]:
-    """The arguments of a tiny synthetic run (about two seconds of training)."""
-    path = tmp_path_factory.mktemp("settings") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY_SETTINGS))
-    return ["--dataset", "synthetic", "--config", str(path)]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -11,26 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import images, make_model, random_scores
+from conftest import images, random_scores, two_adapters
 from grft_vision import (AdapterError, GRFTConfig, apply_grft, delete_adapter, disable_adapter, load_adapter,
                          merge_adapter, merge_grft, mixed_adapters, save_adapter, set_adapter, unload_grft,
                          unmerge_adapter)
 from grft_vision.tuner.layer import grft_layers
-
-
-def _two_adapters(family: str = "vit", structure: str = "row") -> tuple[nn.Module, nn.Module]:
-    """(original, wrapped with adapters 'a' and 'b' whose deltas and heads are random, 'a' active)."""
-    original = make_model(family)
-    model = copy.deepcopy(original)
-    for seed, name in ((1, "a"), (2, "b")):
-        apply_grft(model, random_scores(original, seed), GRFTConfig(structure=structure, k=2), adapter_name=name)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-    set_adapter(model, "a")
-    return original, model
 
 
 def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -38,9 +23,22 @@ def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
+def _one_at_a_time(model: nn.Module, x: torch.Tensor, names: list[str | None]) -> torch.Tensor:
+    """Each sample of ``x`` through its own adapter made active (None: the base), concatenated."""
+    expected = []
+    for i, name in enumerate(names):
+        if name is None:
+            with disable_adapter(model):
+                expected.append(_out(model, x[i:i + 1]))
+        else:
+            set_adapter(model, name)
+            expected.append(_out(model, x[i:i + 1]))
+    return torch.cat(expected)
+
+
 # ------------------------------------------------------------------ contexts inside contexts
 def test_disable_inside_a_mixed_batch_and_a_mixed_batch_inside_disable_compute_the_base():
-    original, model = _two_adapters()
+    original, model = two_adapters()
     x = images(3, seed=3)
     base = _out(original, x)
     with mixed_adapters(model, ["a", "b", None]):
@@ -58,7 +56,7 @@ def test_disable_inside_a_mixed_batch_and_a_mixed_batch_inside_disable_compute_t
 
 
 def test_mixed_batches_do_not_nest_and_need_one_name_per_sample():
-    _, model = _two_adapters()
+    _, model = two_adapters()
     with mixed_adapters(model, ["a", "b"]):
         with pytest.raises(AdapterError, match="do not nest"):
             with mixed_adapters(model, ["a", "a"]):
@@ -96,16 +94,9 @@ def test_a_layer_that_sees_the_batch_in_another_dimension_is_served_once_declare
                     if param.requires_grad:
                         param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)))
         names = ["a", "b", None, "b"]
-        expected = []
-        for i, name in enumerate(names):
-            if name is None:
-                with disable_adapter(model):
-                    expected.append(_out(model, x[i:i + 1]))
-            else:
-                set_adapter(model, name)
-                expected.append(_out(model, x[i:i + 1]))
+        expected = _one_at_a_time(model, x, names)
         with mixed_adapters(model, names):
-            torch.testing.assert_close(_out(model, x), torch.cat(expected), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(_out(model, x), expected, atol=1e-5, rtol=1e-5)
     finally:
         BATCH_LAYOUTS.pop(f"{_SequenceFirst.__module__}.{_SequenceFirst.__qualname__}")
 
@@ -113,7 +104,7 @@ def test_a_layer_that_sees_the_batch_in_another_dimension_is_served_once_declare
 def test_a_mixed_batch_serves_adapters_with_frozen_entries_exactly():
     """Frozen entries (what a dynamic schedule leaves) are written into the weight while their adapter is active;
     a mixed batch still gives every sample exactly its own adapter (the batch used to be refused)."""
-    _, model = _two_adapters()
+    _, model = two_adapters()
     for name, offset in (("a", 0), ("b", 1)):
         for _, layer in grft_layers(model):
             layer.set_frozen(name, torch.tensor([offset, 3 + offset, 7 + offset]), torch.tensor([0.5, -0.25, 0.75]))
@@ -121,22 +112,15 @@ def test_a_mixed_batch_serves_adapters_with_frozen_entries_exactly():
     assert any(layer._written == ("a", False) for _, layer in grft_layers(model))
     x = images(3, seed=11)
     names = ["b", None, "a"]
-    expected = []
-    for i, name in enumerate(names):
-        if name is None:
-            with disable_adapter(model):
-                expected.append(_out(model, x[i:i + 1]))
-        else:
-            set_adapter(model, name)
-            expected.append(_out(model, x[i:i + 1]))
+    expected = _one_at_a_time(model, x, names)
     set_adapter(model, "a")
     with mixed_adapters(model, names):
-        torch.testing.assert_close(_out(model, x), torch.cat(expected), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_out(model, x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_mixed_batch_of_one_model_is_not_seen_by_another_model():
-    _, model = _two_adapters()
-    _, other = _two_adapters()
+    _, model = two_adapters()
+    _, other = two_adapters()
     x = images(2, seed=4)
     expected = _out(other, x)
     with mixed_adapters(model, ["b", None]):
@@ -147,7 +131,7 @@ def test_a_mixed_batch_of_one_model_is_not_seen_by_another_model():
                                     "unload_grft", "apply_grft", "load_adapter"])
 @pytest.mark.parametrize("context", ["disable_adapter", "mixed_adapters"])
 def test_changing_the_adapters_inside_a_context_is_an_error_and_changes_nothing(change, context, tmp_path):
-    original, model = _two_adapters()
+    original, model = two_adapters()
     path = save_adapter(model, tmp_path / "b.safetensors", adapter_name="b")
     x = images(2, seed=5)
     expected = _out(model, x)
@@ -170,7 +154,7 @@ def test_changing_the_adapters_inside_a_context_is_an_error_and_changes_nothing(
 
 
 def test_a_change_from_another_thread_while_a_mixed_batch_is_open_is_an_error():
-    _, model = _two_adapters()
+    _, model = two_adapters()
     errors = []
     with mixed_adapters(model, ["a", "b"]):
         thread = threading.Thread(target=lambda: errors.append(_catch(lambda: set_adapter(model, "b"))))
@@ -190,7 +174,7 @@ def _catch(action) -> BaseException | None:
 
 # ------------------------------------------------------------------ merged adapters
 def test_a_training_step_of_a_merged_adapter_is_an_error():
-    _, model = _two_adapters()
+    _, model = two_adapters()
     merge_adapter(model)
     model.train()
     with pytest.raises(AdapterError, match="merged into the weights.*unmerge_adapter"):
@@ -202,7 +186,7 @@ def test_a_training_step_of_a_merged_adapter_is_an_error():
 
 
 def test_merging_again_after_the_update_changed_writes_the_new_values():
-    _, model = _two_adapters()
+    _, model = two_adapters()
     x = images(2, seed=6)
     merge_adapter(model)
     with torch.no_grad():
@@ -223,7 +207,7 @@ def _bn_stats(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("base_view", ["disable_adapter", "no_active_adapter", "none_in_a_mixed_batch"])
 def test_train_mode_forwards_of_the_base_never_write_the_pretrained_statistics(base_view):
-    original, model = _two_adapters("resnet")
+    original, model = two_adapters("resnet")
     before = _bn_stats(original)
     model.train()
     x = images(4, seed=8)
@@ -244,7 +228,7 @@ def test_train_mode_forwards_of_the_base_never_write_the_pretrained_statistics(b
 
 # ------------------------------------------------------------------ loads under an optimizer
 def test_loading_an_adapter_of_other_indices_keeps_the_parameters_an_optimizer_holds(tmp_path):
-    original, model = _two_adapters()
+    original, model = two_adapters()
     other = copy.deepcopy(original)
     apply_grft(other, random_scores(original, 9), GRFTConfig(structure="row", k=2), adapter_name="a")
     path = save_adapter(other, tmp_path / "other.safetensors")
@@ -265,7 +249,7 @@ def test_loading_an_adapter_of_other_indices_keeps_the_parameters_an_optimizer_h
 
 
 def test_loading_an_adapter_that_needs_other_shapes_under_the_same_name_is_refused(tmp_path):
-    original, model = _two_adapters()
+    original, model = two_adapters()
     other = copy.deepcopy(original)
     apply_grft(other, random_scores(original, 9), GRFTConfig(structure="row", k=3), adapter_name="a")
     path = save_adapter(other, tmp_path / "k3.safetensors")
@@ -279,7 +263,7 @@ def test_loading_an_adapter_that_needs_other_shapes_under_the_same_name_is_refus
 
 # ------------------------------------------------------------------ threads
 def test_threads_compute_their_own_batches_without_patching_shared_modules():
-    _, model = _two_adapters()
+    _, model = two_adapters()
     x = images(3, seed=10)
     plain = _out(model, x)  # adapter 'a' for every sample
     with mixed_adapters(model, ["b", None, "a"]):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import NUM_CLASSES, _free_port, images, make_model, random_scores
+from conftest import NUM_CLASSES, _free_port, images, make_model, random_scores, two_adapters
 from grft_vision import GRFTConfig, apply_grft, mixed_adapters, set_adapter
 from grft_vision.tuner.layer import grft_layers
 
@@ -177,16 +177,7 @@ def test_inductor_equals_eager(family, structure):
 # --------------------------------------------------------------------------------------------- adapters
 @pytest.mark.parametrize("structure", ["row", "column", "sparse"])
 def test_a_mixed_batch_gives_each_sample_its_adapter(structure):
-    original = make_model("vit")
-    model = copy.deepcopy(original)
-    for seed, name in ((1, "a"), (2, "b")):
-        apply_grft(model, random_scores(original, seed), GRFTConfig(structure=structure, k=2), adapter_name=name)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:  # the adapter just added: its updates and its head
-                    param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-    set_adapter(model, "a")
+    _, model = two_adapters(structure=structure)
     names = ["b", None, "a", "b"]
     x = images(len(names), seed=3)
 

@@ -4,6 +4,7 @@ replaced by the docs fixture (tests/docs_fixture.py, described in docs/usage.md 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -115,7 +116,8 @@ def test_the_readme_training_commands_run(command, tmp_path):
     assert " | trainable " in done.stdout.strip().splitlines()[-1]
 
 
-def _anchors(path: Path) -> set[str]:
+@functools.cache
+def _anchors(path: Path) -> frozenset[str]:
     """GitHub's anchors of a Markdown file's headings (lower case, punctuation but ``-`` and ``_`` dropped,
     spaces to ``-``, repeats numbered), code blocks skipped."""
     text = BLOCK.sub("", path.read_text(encoding="utf-8"))
@@ -127,7 +129,7 @@ def _anchors(path: Path) -> set[str]:
             count += 1
             anchor = f"{slug}-{count}"
         anchors.add(anchor)
-    return anchors
+    return frozenset(anchors)
 
 
 def test_the_links_between_the_docs_lead_somewhere():

@@ -27,17 +27,8 @@ from grft_vision.export import main as export_main
 from grft_vision.training import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"model": "test_vit", "pretrained": False, "img_size": 32, "epochs": 1, "warmup_epochs": 1,
-        "batch_size": 8, "workers": 0, "quiet": True, "synthetic_samples": 16}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> list[str]:
-    path = tmp_path_factory.mktemp("settings") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return ["--dataset", "synthetic", "--config", str(path)]
 
 
 def _vit() -> torch.nn.Module:

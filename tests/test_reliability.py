@@ -26,17 +26,8 @@ from grft_vision.training import cli
 from grft_vision.training.run_dir import RunDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"model": "test_vit", "pretrained": False, "img_size": 32, "epochs": 1, "warmup_epochs": 1,
-        "batch_size": 8, "workers": 0, "quiet": True, "synthetic_samples": 16}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> list[str]:
-    path = tmp_path_factory.mktemp("settings") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return ["--dataset", "synthetic", "--config", str(path)]
 
 
 def call(args: list[str], capsys) -> tuple[int, str]:
@@ -195,13 +186,17 @@ def test_timm_resume_into_a_model_with_another_fresh_selection_keeps_the_optimiz
 
 
 # ------------------------------------------------------------------ errors that used to be tracebacks
-def test_malformed_fingerprints_in_an_adapter_are_an_adapter_error(tmp_path):
+def _saved_row_adapter(tmp_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a freshly saved row adapter of the tiny ViT (k = 1)."""
     model = make_model("vit")
     apply_grft(model, random_scores(model), GRFTConfig(k=1))
     path = save_adapter(model, tmp_path / "a.safetensors")
-    tensors = load_file(path)
     with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata()
+        return load_file(path), handle.metadata()
+
+
+def test_malformed_fingerprints_in_an_adapter_are_an_adapter_error(tmp_path):
+    tensors, metadata = _saved_row_adapter(tmp_path)
     for broken in ({"x": 1}, {"x": {"sums": "abc"}}, [], {"x": {"sums": [1, 2]}}):
         base = json.loads(metadata["base_model"])
         base["fingerprints"] = broken
@@ -211,12 +206,7 @@ def test_malformed_fingerprints_in_an_adapter_are_an_adapter_error(tmp_path):
 
 
 def test_non_finite_values_in_an_adapter_file_are_refused(tmp_path):
-    model = make_model("vit")
-    apply_grft(model, random_scores(model), GRFTConfig(k=1))
-    path = save_adapter(model, tmp_path / "a.safetensors")
-    tensors = load_file(path)
-    with safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata()
+    tensors, metadata = _saved_row_adapter(tmp_path)
     for key in (next(k for k in tensors if k.endswith(".grft_delta")), "head.weight"):
         broken = dict(tensors)
         broken[key] = broken[key].clone()
